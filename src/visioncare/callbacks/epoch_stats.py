@@ -1,0 +1,129 @@
+"""Per-epoch resource statistics and the one-row-per-epoch `metrics.csv`.
+
+`EpochStats` logs `time/epoch_s` (wall time of the epoch's training part, validation excluded),
+`memory/rss_mb` (peak resident memory of the process) and, on GPU, `memory/gpu_peak_mb`.
+`EpochMetricsCSV` writes every epoch-level scalar Lightning has collected as one row of
+`metrics.csv`; it must come after `EpochStats` in the callback list so the row includes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+# The contract's columns first, in this order; anything else logged follows alphabetically.
+LEADING_COLUMNS = (
+    "epoch",
+    "train/loss",
+    "train/loss_dr",
+    "train/loss_dme",
+    "val/loss",
+    "val/loss_dr",
+    "val/loss_dme",
+    "train/acc_dr",
+    "train/acc_dme",
+    "val/acc_dr",
+    "val/acc_dme",
+    "val/f1_dr",
+    "val/f1_dme",
+    "val/avg_acc",
+    "lr",
+    "time/epoch_s",
+    "memory/rss_mb",
+    "memory/gpu_peak_mb",
+    "loss/sigma_dr",
+    "loss/sigma_dme",
+    "unfreeze/stage",
+    "unfreeze/trainable_fraction",
+)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class EpochStats(Callback):
+    """Log the training part's wall time and the peak memory of every epoch."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._train_seconds: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._train_seconds = time.perf_counter(), None
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def _stop_clock(self) -> None:
+        if self._start is not None and self._train_seconds is None:
+            self._train_seconds = time.perf_counter() - self._start
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._stop_clock()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_clock()
+        pl_module.log("time/epoch_s", float(self._train_seconds or 0.0), on_epoch=True)
+        pl_module.log("memory/rss_mb", peak_rss_mb(), on_epoch=True)
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            pl_module.log("memory/gpu_peak_mb", peak, on_epoch=True)
+
+
+class EpochMetricsCSV(Callback):
+    """Append one row per epoch to ``path``, merging train and validation scalars.
+
+    The file is rewritten atomically each epoch (a new column may appear late, e.g. on GPU), and
+    rows of epochs at or after the resumed epoch are dropped when a run resumes into the same file.
+
+    Args:
+        path: the CSV file (`<run>/metrics.csv`).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as handle:
+                self.rows = [
+                    r for r in csv.DictReader(handle) if int(r["epoch"]) < trainer.current_epoch
+                ]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row: dict[str, Any] = {"epoch": trainer.current_epoch}
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("test/") or not hasattr(value, "numel") or value.numel() != 1:
+                continue
+            number = float(value)
+            row[name] = "" if math.isnan(number) else number
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self._write()
+
+    def _write(self) -> None:
+        names = {name for row in self.rows for name in row}
+        columns = [c for c in LEADING_COLUMNS if c in names]
+        columns += sorted(names - set(columns))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)

@@ -1,0 +1,233 @@
+"""`FundusDataModule`: source → validation → preprocessing cache → augmentation → loaders.
+
+A new dataset is a new `DatasetSource`; nothing here changes. The validation split is carved out of
+the training split (stratified on the joint DR/DME label, seeded by `data.split_seed`) unless the
+source ships one; model selection never sees test images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from visioncare.data.cache import PreprocessedCache
+from visioncare.data.dataset import EpochSeededSampler, FundusDataset
+from visioncare.data.preprocess import PreprocessConfig
+from visioncare.data.records import Record, stratified_split
+from visioncare.data.sources.base import DatasetSource
+from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
+from visioncare.data.validation import validate_records
+from visioncare.errors import ConfigurationError, DataValidationError
+
+log = logging.getLogger(__name__)
+
+
+class FundusDataModule(L.LightningDataModule):
+    """Data for both tasks from one dataset source.
+
+    Args:
+        source: a `DatasetSource` class (or partial) called as ``source(root, **source_options)``.
+        root: the dataset folder (`data.root`).
+        image_size: side of the network input in pixels.
+        cache_size: side of the cached preprocessed image (>= image_size).
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the training split held out for validation.
+        split_seed: seed of the validation split (fixed across runs and training seeds).
+        seed: seed of shuffling and augmentation (usually the run's `seed`).
+        cache_dir: where preprocessed images are stored.
+        crop_fundus, ben_graham: preprocessing options (see `PreprocessConfig`).
+        augment: training augmentation strengths (see `AugmentConfig`).
+        mean, std: input normalisation; None = take them from the backbone (`set_normalization`).
+        on_bad_image: ``error`` stops before training on undecodable images; ``skip`` drops them.
+        pin_memory: None = on when training on a GPU.
+        **source_options: dataset-specific keys (e.g. the synthetic set's `num_train`), passed to
+            the source; an unknown key is an error naming it.
+    """
+
+    def __init__(
+        self,
+        source: Callable[..., DatasetSource],
+        root: str,
+        image_size: int = 224,
+        cache_size: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        seed: int = 42,
+        cache_dir: str = "data/cache",
+        crop_fundus: bool = True,
+        ben_graham: bool = False,
+        augment: dict[str, Any] | AugmentConfig | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        on_bad_image: str = "error",
+        pin_memory: bool | None = None,
+        **source_options: Any,
+    ) -> None:
+        super().__init__()
+        if cache_size < image_size:
+            raise ConfigurationError(
+                f"data.cache_size ({cache_size}) must be >= data.image_size ({image_size})"
+            )
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigurationError(
+                f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}"
+            )
+        self.source = _make_source(source, root, source_options)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.seed = seed
+        self.preprocess = PreprocessConfig(cache_size, crop_fundus, ben_graham)
+        self.cache = PreprocessedCache(cache_dir, self.preprocess)
+        if isinstance(augment, AugmentConfig):
+            self.augment = augment
+        else:
+            values = dict(augment or {})
+            if "crop_scale" in values:
+                values["crop_scale"] = tuple(values["crop_scale"])
+            self.augment = AugmentConfig(**values)
+        self.mean, self.std = mean, std
+        self.on_bad_image = on_bad_image
+        self.pin_memory = pin_memory
+        self.splits: dict[str, list[Record]] = {}
+        self.cached: dict[Path, Path] = {}
+        self.datasets: dict[str, FundusDataset] = {}
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source.is_synthetic
+
+    def set_normalization(self, data_config: dict[str, Any]) -> None:
+        """Adopt the backbone's timm mean/std unless the config set them explicitly."""
+        if self.mean is None:
+            self.mean = tuple(data_config["mean"])
+        if self.std is None:
+            self.std = tuple(data_config["std"])
+
+    # ------------------------------------------------------------------ preparation (rank 0)
+    def prepare_data(self) -> None:
+        """Generate/check the dataset and build the cache once, before any process trains."""
+        self._load_and_cache()
+
+    def _load_and_cache(self) -> None:
+        if self.splits:
+            return
+        loaded = self.source.load()
+        validate_records(loaded, self.source.name)
+        all_records = [r for records in loaded.values() for r in records]
+        cached, errors = self.cache.build([r.image for r in all_records], self.num_workers)
+        if errors:
+            problems = list(errors.values())
+            if self.on_bad_image == "error":
+                raise DataValidationError.from_problems(
+                    f"dataset '{self.source.name}': some images cannot be decoded",
+                    problems,
+                    hint="Replace or remove them, or set data.on_bad_image=skip to drop them.",
+                )
+            log.warning("Skipping %d undecodable image(s):\n%s", len(errors), "\n".join(problems))
+            loaded = {s: [r for r in rs if r.image not in errors] for s, rs in loaded.items()}
+        self.cached = cached
+        if "val" not in loaded:
+            train, val = stratified_split(loaded["train"], self.val_fraction, self.split_seed)
+            loaded = {
+                "train": train,
+                "val": val,
+                **{k: v for k, v in loaded.items() if k != "train"},
+            }
+        self.splits = loaded
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_and_cache()
+        if self.mean is None or self.std is None:
+            raise ConfigurationError(
+                "data.mean/data.std are unset; call set_normalization(net.data_config) first"
+            )
+        train_tf = build_train_transform(self.image_size, self.mean, self.std, self.augment)
+        eval_tf = build_eval_transform(self.image_size, self.mean, self.std)
+        for split, records in self.splits.items():
+            transform = train_tf if split == "train" else eval_tf
+            files = [self.cached[r.image] for r in records]
+            self.datasets[split] = FundusDataset(records, files, transform, seed=self.seed)
+
+    def sizes(self) -> dict[str, int]:
+        """`num_train`, `num_val`, `num_test` for summary.json."""
+        return {f"num_{split}": len(records) for split, records in self.splits.items()}
+
+    def class_counts(self, split: str) -> dict[str, dict[int, int]]:
+        """Grade histogram per task (for logs and reports)."""
+        records = self.splits.get(split, [])
+        return {
+            "dr": dict(sorted(Counter(r.dr for r in records).items())),
+            "dme": dict(sorted(Counter(r.dme for r in records).items())),
+        }
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, sampler: EpochSeededSampler | None = None) -> DataLoader:
+        if split not in self.datasets:
+            raise DataValidationError(f"dataset '{self.source.name}' has no '{split}' split")
+        dataset = self.datasets[split]
+        on_gpu = (
+            self.trainer is not None
+            and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        )
+        pin = self.pin_memory if self.pin_memory is not None else on_gpu
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler if sampler is not None else self._eval_sampler(len(dataset)),
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _eval_sampler(self, length: int) -> list[int]:
+        """This rank's share of an evaluation split; every image is seen exactly once overall."""
+        rank, world = self._rank()
+        return list(range(rank, length, world))
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        sampler = EpochSeededSampler(
+            len(self.datasets["train"]), seed=self.seed, shuffle=True, rank=rank, world_size=world
+        )
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def _make_source(
+    factory: Callable[..., DatasetSource], root: str, options: dict[str, Any]
+) -> DatasetSource:
+    """Build the source, turning an unknown option into an error that names the config key."""
+    target = getattr(factory, "func", factory)
+    accepted = inspect.signature(target).parameters
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        known = sorted(k for k in accepted if k not in ("self", "root"))
+        raise ConfigurationError(
+            f"unknown data key(s) {['data.' + k for k in unknown]} for "
+            f"{getattr(target, '__name__', target)}; dataset-specific keys are {known}"
+        )
+    return factory(root=root, **options)

@@ -1,0 +1,30 @@
+"""User-facing errors: raised for bad input or configuration, printed without a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+MAX_LISTED = 20
+
+
+class VisionCareError(Exception):
+    """A problem the user can fix (a path, a config key, a data file); the message says how."""
+
+
+class DataValidationError(VisionCareError):
+    """The dataset failed validation before training; the message lists the offending files/rows."""
+
+    @classmethod
+    def from_problems(
+        cls, headline: str, problems: Sequence[str], hint: str = ""
+    ) -> DataValidationError:
+        """One error listing the first 20 problems and how many there are in all."""
+        listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
+        more = len(problems) - MAX_LISTED
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        advice = f"\n{hint}" if hint else ""
+        return cls(f"{headline} ({len(problems)} problem(s)):\n{listed}{tail}{advice}")
+
+
+class ConfigurationError(VisionCareError):
+    """A configuration value is missing, inconsistent or unusable."""

@@ -1,0 +1,213 @@
+"""`VisionCareModule`: the LightningModule that trains `TwoHeadNet` with a multi-task loss.
+
+One `model_step` serves train, val and test. Optimizer and scheduler arrive from Hydra as partials.
+All parameter groups exist from the first step — `heads`, `loss` (the learnable log-variances, no
+weight decay) and one group per backbone unfreezing chunk (`backbone_top`, `backbone_mid`,
+`backbone_rest`) — so that gradual unfreezing only flips `requires_grad` and the optimizer and
+scheduler state keep one shape across stages and resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from visioncare import TASKS
+from visioncare.errors import ConfigurationError
+from visioncare.metrics import MultiTaskMetrics
+from visioncare.models.loss import UncertaintyWeightedLoss
+from visioncare.models.net import TwoHeadNet
+
+# Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
+# stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
+BACKBONE_CHUNKS: tuple[tuple[str, float, float], ...] = (
+    ("backbone_top", 0.0, 0.25),
+    ("backbone_mid", 0.25, 0.5),
+    ("backbone_rest", 0.5, 1.0),
+)
+
+
+class VisionCareModule(L.LightningModule):
+    """Multi-task DR/DME grading.
+
+    Args:
+        backbone: timm model name (config key `model.backbone`).
+        pretrained: load timm hub weights (`model.pretrained`).
+        weights_path: local timm checkpoint (`model.weights_path`).
+        dropout: dropout before each head.
+        optimizer: partial optimizer taking the parameter groups (e.g. AdamW).
+        scheduler: partial LR scheduler taking the optimizer (e.g. CosineAnnealingLR), or None.
+        loss: the multi-task loss module; default `UncertaintyWeightedLoss`.
+        backbone_lr_mult: backbone groups' LR as a multiple of the heads' LR.
+        channels_last: NHWC memory format (faster convolutions with bf16/fp16 on CPU and GPU).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnetv2_s",
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        dropout: float = 0.2,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        loss: nn.Module | None = None,
+        backbone_lr_mult: float = 1.0,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss"])
+        self.net = TwoHeadNet(backbone, pretrained, weights_path, dropout)
+        self.loss_fn = loss if loss is not None else UncertaintyWeightedLoss()
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.scheduler_factory = scheduler
+        self.backbone_lr_mult = backbone_lr_mult
+        self.channels_last = channels_last
+        # Attributes, not a ModuleDict: a "train" key would shadow nn.Module.train.
+        self.train_metrics = MultiTaskMetrics("train", full=False)
+        self.val_metrics = MultiTaskMetrics("val")
+        self.test_metrics = MultiTaskMetrics("test")
+        # Filled at each val/test epoch end: split → task → confusion matrix (for plots/reports).
+        self.confusion: dict[str, dict[str, Tensor]] = {}
+        # The composed run config (plain dict), stored in every checkpoint for eval/predict.
+        self.run_config: dict[str, Any] | None = None
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def split_metrics(self, split: str) -> MultiTaskMetrics:
+        """The metric set of ``train``, ``val`` or ``test``."""
+        return getattr(self, f"{split}_metrics")
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.net(images)
+
+    # ----------------------------------------------------------------------------- steps
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
+        if self.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def model_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Forward, loss and metric update shared by train/val/test; returns the losses."""
+        logits = self(batch["image"])
+        targets = {task: batch[task] for task in TASKS}
+        total, task_losses = self.loss_fn(logits, targets)
+        batch_size = batch["image"].shape[0]
+        log = {f"{split}/loss": total}
+        log.update({f"{split}/loss_{task}": value for task, value in task_losses.items()})
+        self.log_dict(
+            log,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=split != "train",
+            prog_bar=False,
+        )
+        metrics = self.split_metrics(split)
+        metrics.update({t: v.detach() for t, v in logits.items()}, targets)
+        if split == "train":
+            # Logged as metric objects: Lightning computes and resets them at epoch end, before
+            # callbacks read them (val/test are computed in their epoch-end hooks instead).
+            for task, task_metrics in metrics.per_task.items():
+                for name in ("acc", "f1"):
+                    metric = getattr(task_metrics, name)
+                    self.log(f"train/{name}_{task}", metric, on_step=False, on_epoch=True)
+            self.log("train/joint_acc", metrics.joint, on_step=False, on_epoch=True)
+            for task, sigma in self.loss_fn.task_sigmas().items():
+                self.log(f"loss/sigma_{task}", sigma, on_step=False, on_epoch=True, batch_size=1)
+        return total, task_losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, task_losses = self.model_step(batch, "train")
+        if not torch.isfinite(total):
+            bad = [task for task, value in task_losses.items() if not torch.isfinite(value)]
+            raise FloatingPointError(
+                f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
+                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is "
+                "kept. Lower model.optimizer.lr or check the input data."
+            )
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.model_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.model_step(batch, "test")
+
+    # ----------------------------------------------------------------------------- epoch ends
+    def on_train_epoch_start(self) -> None:
+        # The heads' group is first: its LR is the run's reference learning rate.
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def _log_epoch_metrics(self, split: str) -> None:
+        metrics = self.split_metrics(split)
+        values = metrics.compute()
+        self.confusion[split] = metrics.confusion_matrices()
+        metrics.reset()
+        prog = {f"{split}/avg_acc", f"{split}/acc_dr", f"{split}/acc_dme"}
+        for name, value in values.items():
+            # Values are already synchronised by torchmetrics across DDP ranks.
+            self.log(name, value, prog_bar=name in prog and split != "train")
+
+    # ----------------------------------------------------------------------------- optimizer
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Heads, loss and backbone chunks; every trainable parameter in exactly one group."""
+        groups: list[dict[str, Any]] = [
+            {"name": "heads", "params": list(self.net.heads.parameters())},
+            {"name": "loss", "params": list(self.loss_fn.parameters()), "weight_decay": 0.0},
+        ]
+        backbone_lr = None
+        if self.backbone_lr_mult != 1.0:
+            base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+            if base_lr is None:
+                raise ConfigurationError(
+                    "model.backbone_lr_mult needs an explicit model.optimizer.lr to scale"
+                )
+            backbone_lr = base_lr * self.backbone_lr_mult
+        seen: set[int] = set()
+        for name, _low, high in BACKBONE_CHUNKS:
+            chunk = [p for p in self.net.top_blocks(high) if id(p) not in seen]
+            seen.update(id(p) for p in chunk)
+            group: dict[str, Any] = {"name": name, "params": chunk}
+            if backbone_lr is not None:
+                group["lr"] = backbone_lr
+            groups.append(group)
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1},
+        }
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["visioncare_config"] = self.run_config
+        checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = checkpoint.get("visioncare_config", self.run_config)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists so the checkpoint holds only JSON-like values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,136 @@
+"""`TwoHeadNet`: one timm backbone, two classification heads (DR: 5 grades, DME: 3 grades).
+
+The backbone is any timm model created without its classifier. Its timm data config (input size,
+mean/std, interpolation) travels with the network so data pipelines and exports normalise inputs
+exactly as the backbone was trained (EfficientNetV2-S uses mean = std = 0.5, not ImageNet's).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from visioncare import TASKS
+from visioncare.errors import ConfigurationError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def create_backbone(
+    name: str, pretrained: bool = False, weights_path: str | None = None
+) -> nn.Module:
+    """Create a timm backbone without classifier, from random, hub or local weights.
+
+    Args:
+        name: any timm model name (``timm.list_models()``).
+        pretrained: download timm's pretrained weights from the hub (needs network).
+        weights_path: a local timm checkpoint (.safetensors/.pth/.bin); implies pretrained.
+    """
+    if name not in timm.list_models(name):
+        raise ConfigurationError(
+            f"model.backbone={name!r} is not a timm model; pick one from timm.list_models(), "
+            "e.g. tf_efficientnetv2_s, resnet50, convnext_tiny"
+        )
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(
+                f"model.weights_path={weights_path!r} does not exist; point it at a local timm "
+                f"checkpoint ({'/'.join(WEIGHT_SUFFIXES)}) or set model.weights_path=null"
+            )
+        try:
+            return timm.create_model(
+                name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
+            )
+        except Exception as exc:  # timm raises several types for a bad file
+            raise ConfigurationError(
+                f"could not load model.weights_path={weights_path!r} into {name}: {exc}. "
+                "Use a timm checkpoint of the same architecture."
+            ) from exc
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as exc:  # offline: requests/huggingface_hub errors, OSError, RuntimeError
+        raise ConfigurationError(
+            f"could not download pretrained weights for {name} ({type(exc).__name__}: {exc}). "
+            "Without network access, train from scratch with model.pretrained=false, or give a "
+            "local timm checkpoint with model.weights_path=FILE (.safetensors/.pth/.bin)."
+        ) from exc
+
+
+class TwoHeadNet(nn.Module):
+    """Shared backbone features → dropout → one linear head per task.
+
+    Args:
+        backbone: timm model name.
+        pretrained: load timm's hub weights (see `create_backbone`).
+        weights_path: local timm checkpoint to load instead of the hub.
+        dropout: dropout before each head.
+        tasks: task name → number of classes (default DR: 5, DME: 3).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnetv2_s",
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        dropout: float = 0.2,
+        tasks: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tasks = dict(tasks or TASKS)
+        self.backbone = create_backbone(backbone, pretrained, weights_path)
+        self.data_config = timm.data.resolve_model_data_config(self.backbone)
+        features = self.backbone.num_features
+        self.heads = nn.ModuleDict(
+            {
+                task: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, n))
+                for task, n in self.tasks.items()
+            }
+        )
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(images)  # pooled (N, num_features); classifier removed
+        return {task: head(features) for task, head in self.heads.items()}
+
+    def backbone_blocks(self) -> list[list[nn.Parameter]]:
+        """Backbone parameters in depth order (stem first), one list per timm block group.
+
+        Uses timm's own `group_matcher` (fine-grained), the same grouping timm uses for
+        layer-wise LR decay, so gradual unfreezing works for any timm architecture.
+        """
+        matcher = self.backbone.group_matcher(coarse=False)
+        groups = timm.models.group_parameters(self.backbone, matcher)
+        params = dict(self.backbone.named_parameters())
+        return [[params[name] for name in names] for names in groups.values()]
+
+    def top_blocks(self, fraction: float) -> list[nn.Parameter]:
+        """Parameters of the top ``fraction`` of the backbone's blocks (by block count)."""
+        blocks = self.backbone_blocks()
+        count = math.ceil(len(blocks) * fraction - 1e-9)
+        return [p for block in blocks[len(blocks) - count :] for p in block] if count else []
+
+    def train(self, mode: bool = True) -> TwoHeadNet:
+        """Switch modes, but keep BatchNorm of frozen backbone parts in eval mode.
+
+        A frozen block must behave as at inference: updating its running statistics would
+        silently change the features the heads were trained on.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.backbone.modules():
+                params = list(module.parameters(recurse=False))
+                is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+                if is_bn and params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
+    @torch.no_grad()
+    def predict_proba(self, images: Tensor) -> dict[str, Tensor]:
+        """Softmax probabilities per task (inference helper)."""
+        return {task: logits.softmax(dim=1) for task, logits in self(images).items()}

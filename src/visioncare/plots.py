@@ -1,0 +1,88 @@
+"""PNG plots of a run: loss, accuracy and F1 curves from metrics.csv; confusion matrices."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on training machines
+import matplotlib.pyplot as plt
+import numpy as np
+
+CURVES = {
+    "loss": [
+        "train/loss",
+        "val/loss",
+        "train/loss_dr",
+        "val/loss_dr",
+        "train/loss_dme",
+        "val/loss_dme",
+    ],
+    "accuracy": ["train/acc_dr", "val/acc_dr", "train/acc_dme", "val/acc_dme", "val/avg_acc"],
+    "f1": ["train/f1_dr", "val/f1_dr", "train/f1_dme", "val/f1_dme"],
+}
+
+
+def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
+    """Rows of metrics.csv as floats (empty cells dropped)."""
+    with open(path, newline="") as handle:
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def plot_curves(rows: Sequence[dict[str, float]], out_dir: str | Path) -> list[Path]:
+    """`loss.png`, `accuracy.png`, `f1.png` against the epoch; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, columns in CURVES.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for column in columns:
+            points = [(r["epoch"], r[column]) for r in rows if column in r]
+            if points:
+                epochs, values = zip(*points, strict=True)
+                style = "--" if column.startswith("train/") else "-"
+                ax.plot(epochs, values, style, marker="o", markersize=3, label=column)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray, title: str, path: str | Path, class_names: Sequence[str] | None = None
+) -> Path:
+    """Counts with row-normalised shading (rows = true grade, columns = predicted)."""
+    matrix = np.asarray(matrix)
+    n = matrix.shape[0]
+    names = list(class_names or [str(i) for i in range(n)])
+    rows = matrix.sum(axis=1, keepdims=True)
+    shade = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n, 0.8 + 0.8 * n))
+    ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            color = "white" if shade[i, j] > 0.5 else "black"
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=color)
+    ax.set_xticks(range(n), names)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

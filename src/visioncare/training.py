@@ -1,0 +1,152 @@
+"""The training task behind `src/train.py`: seed, build, fit, test on best.ckpt, report.
+
+Order (as in lightning-hydra-template): seed → model → datamodule (checked and cached before any
+training step) → callbacks, loggers, trainer → fit → test once with `best.ckpt` → summary.json,
+plots, TensorBoard hparams, a printed table. Returns the metrics so sweeps can optimise one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from visioncare.callbacks import BestAverageAccuracy
+from visioncare.errors import ConfigurationError
+from visioncare.utils.hydra import instantiate_group
+from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
+
+log = logging.getLogger("visioncare")
+
+RANDOM_WEIGHTS_WARNING = """
+###########################################################################################
+#  Training on real fundus data from RANDOM weights (model.pretrained=false, no          #
+#  model.weights_path). Expect results far below pretrained ones (IDRiD joint accuracy    #
+#  ~0.6 needs ImageNet weights). Use model.pretrained=true with network access, or        #
+#  model.weights_path=FILE with a local timm checkpoint.                                  #
+###########################################################################################"""
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str) -> str | None:
+    """The checkpoint to resume from: a path that must exist, ``last`` or None (fresh run).
+
+    ``last`` means the newest `checkpoints/last.ckpt` of this task's earlier runs.
+    """
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        candidates = sorted(
+            Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not candidates:
+            raise ConfigurationError(
+                f"ckpt_path=last: no checkpoints/last.ckpt under {Path(log_dir, task_name)}; "
+                "give the checkpoint's path instead"
+            )
+        return str(candidates[-1])
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigurationError(
+            f"ckpt_path={ckpt_path!r} does not exist; give an existing checkpoint "
+            "(<run>/checkpoints/last.ckpt) or ckpt_path=null for a fresh run"
+        )
+    return str(path)
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The knobs people compare runs by, for TensorBoard's HPARAMS tab."""
+    picks = {
+        "model.backbone": "model.backbone",
+        "model.pretrained": "model.pretrained",
+        "lr": "model.optimizer.lr",
+        "weight_decay": "model.optimizer.weight_decay",
+        "unfreeze_step": "unfreeze_step",
+        "seed": "seed",
+        "data.image_size": "data.image_size",
+        "data.batch_size": "data.batch_size",
+        "loss": "loss._target_",
+        "trainer.precision": "trainer.precision",
+        "trainer.max_epochs": "trainer.max_epochs",
+    }
+    values = {}
+    for name, key in picks.items():
+        value = OmegaConf.select(cfg, key)
+        values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, select on validation, test once; returns best validation and test metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+
+    log.info("Building model <%s>", cfg.model.backbone)
+    model = instantiate(cfg.model, loss=instantiate(cfg.loss))
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.set_normalization(model.net.data_config)
+    if not (cfg.model.pretrained or cfg.model.weights_path) and not datamodule.is_synthetic:
+        log.warning(RANDOM_WEIGHTS_WARNING)
+    # Validate, generate and cache now: bad input fails here, before any checkpoint exists.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    log.info("Data %s: %s", datamodule.source.name, datamodule.sizes())
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; metrics.csv has `lr`
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(_hparams(cfg))
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    best_cb = next((c for c in callbacks if isinstance(c, BestAverageAccuracy)), None)
+    best_path = best_cb.best_model_path if best_cb else ""
+    if not best_path:
+        log.warning("No best checkpoint was selected; evaluating the current weights")
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        # Re-validate the best weights for their confusion matrices, then test exactly once.
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    best_metrics = dict(best_cb.best_metrics) if best_cb else {}
+    best_epoch = best_cb.best_epoch if best_cb else -1
+    if trainer.is_global_zero:
+        summary = write_summary(
+            output_dir / "summary.json", best_epoch, best_metrics, test_metrics, datamodule.sizes()
+        )
+        write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                hp_metrics = {
+                    f"hp/best_{k.replace('/', '_')}": v
+                    for k, v in best_metrics.items()
+                    if k in ("val/avg_acc", "val/joint_acc")
+                }
+                hp_metrics.update(
+                    {
+                        f"hp/{k.replace('/', '_')}": v
+                        for k, v in test_metrics.items()
+                        if k in ("test/avg_acc", "test/joint_acc")
+                    }
+                )
+                logger.log_hyperparams(_hparams(cfg), metrics=hp_metrics)
+        print_summary_table(summary)
+        log.info("Run directory: %s", output_dir)
+    return {**best_metrics, **test_metrics}

@@ -1,0 +1,1 @@
+"""Small helpers shared by the entry points: Hydra wiring, run summaries, error reporting."""

@@ -1,0 +1,35 @@
+"""Hydra wiring: instantiate config groups of named objects; run a task with friendly errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from visioncare.errors import VisionCareError
+
+log = logging.getLogger("visioncare")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a `_target_` (callbacks, loggers), in config order."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run an entry point's task; a `VisionCareError` ends the process with its message only.
+
+    Bad input must read as an instruction, not as a traceback from OpenCV, pandas or PyTorch.
+    """
+    try:
+        return task(cfg)
+    except VisionCareError as error:
+        log.error("%s", error)
+        print(f"\nERROR: {error}", file=sys.stderr)
+        sys.exit(2)

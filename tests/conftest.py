@@ -1,0 +1,69 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk for fast CPU tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
+
+# Small everything: a whole training run takes seconds on 2 CPU cores.
+TINY_OVERRIDES = [
+    "model=tiny",
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "trainer.enable_model_summary=false",
+    "data.num_train=40",
+    "data.num_test=16",
+    "data.render_size=128",
+    "data.image_size=64",
+    "data.cache_size=72",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "callbacks.progress_bar=null",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small synthetic set for the whole session (generation is the slow part)."""
+    return tmp_path_factory.mktemp("synthetic") / "set"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml with the tiny overrides plus ``extra``; outputs under tmp_path."""
+
+    def _make(*extra: str, config_name: str = "train") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                config_name=config_name,
+                overrides=[
+                    *TINY_OVERRIDES,
+                    f"data.root={synthetic_root}",
+                    f"paths.cache_dir={cache_dir}",
+                    f"paths.log_dir={tmp_path / 'logs'}",
+                    *extra,
+                ],
+                return_hydra_config=False,
+            )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        GlobalHydra.instance().clear()
+        return cfg
+
+    return _make

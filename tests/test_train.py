@@ -1,0 +1,103 @@
+"""End-to-end training through the real Hydra config: the run-directory contract and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_OVERRIDES
+from visioncare.errors import ConfigurationError
+from visioncare.training import train
+
+CONTRACT_COLUMNS = [
+    "epoch", "train/loss", "train/loss_dr", "train/loss_dme", "val/loss", "val/loss_dr",
+    "val/loss_dme", "train/acc_dr", "train/acc_dme", "val/acc_dr", "val/acc_dme", "val/f1_dr",
+    "val/f1_dme", "val/avg_acc", "lr", "time/epoch_s", "memory/rss_mb", "loss/sigma_dr",
+    "loss/sigma_dme", "unfreeze/stage", "unfreeze/trainable_fraction",
+]  # fmt: skip
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cache_dir):
+    logs = tmp_path / "logs"
+    command = [
+        sys.executable, "src/train.py", *TINY_OVERRIDES,
+        "trainer.max_epochs=4", "unfreeze_step=1",
+        f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = (logs / "train" / "runs").iterdir()
+    for name in [
+        ".hydra/config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv",
+        "summary.json", "plots/loss.png", "plots/accuracy.png", "plots/f1.png",
+        "plots/confusion_val_dr.png", "plots/confusion_test_dme.png",
+    ]:  # fmt: skip
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # one row per epoch
+    assert set(CONTRACT_COLUMNS) <= set(rows[0])
+    for row in rows:
+        assert all(row[c] != "" for c in CONTRACT_COLUMNS), row
+    assert [int(float(r["unfreeze/stage"])) for r in rows] == [0, 1, 2, 3]
+    fractions = [float(r["unfreeze/trainable_fraction"]) for r in rows]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # cosine decays
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"] == {"num_train": 32, "num_val": 8, "num_test": 16}
+    assert 0 <= summary["best"]["epoch"] <= 3
+    best_row = rows[summary["best"]["epoch"]]
+    assert float(best_row["val/avg_acc"]) == pytest.approx(summary["best"]["val/avg_acc"])
+    assert max(float(r["val/avg_acc"]) for r in rows) == pytest.approx(
+        summary["best"]["val/avg_acc"]
+    )
+    for key in ("test/acc_dr", "test/f1_dme", "test/qwk_dr", "test/joint_acc", "test/avg_acc"):
+        assert key in summary["test"]
+    assert "avg_acc" in done.stdout  # the closing table
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 3
+    assert checkpoint["visioncare_config"]["model"]["backbone"] == "test_efficientnet"
+    assert "BestAverageAccuracy" in " ".join(checkpoint["callbacks"])
+
+
+def test_train_returns_metrics_and_honours_unfreeze_off(make_cfg):
+    cfg = make_cfg("unfreeze_step=0", "trainer.max_epochs=1", "logger=none")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/avg_acc"] <= 1.0 and "test/joint_acc" in metrics
+    rows = _rows(Path(cfg.paths.output_dir) / "metrics.csv")
+    assert float(rows[0]["unfreeze/stage"]) == 3.0
+    assert float(rows[0]["unfreeze/trainable_fraction"]) == 1.0
+
+
+def test_missing_checkpoint_is_an_error_not_a_fresh_start(make_cfg, tmp_path):
+    cfg = make_cfg(f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_cli_bad_data_root_fails_cleanly(tmp_path):
+    command = [
+        sys.executable, "src/train.py", "data=idrid", f"data.root={tmp_path / 'missing'}",
+        "model=tiny", f"paths.log_dir={tmp_path / 'logs'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "data.root=" in done.stderr and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not list((tmp_path / "logs").glob("**/*.ckpt"))
