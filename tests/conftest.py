@@ -21,15 +21,13 @@ TINY_OVERRIDES = [
     "trainer=cpu",
     "trainer.max_epochs=2",
     "trainer.enable_model_summary=false",
-    "data.num_train=40",
-    "data.num_test=16",
-    "data.render_size=128",
     "data.image_size=64",
     "data.cache_size=72",
     "data.batch_size=8",
     "data.num_workers=0",
     "callbacks.progress_bar=null",
 ]
+SYNTHETIC_OVERRIDES = ["data.num_train=40", "data.num_test=16", "data.render_size=128"]
 
 
 @pytest.fixture(scope="session")
@@ -45,15 +43,21 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable[..., DictConfig]:
-    """Compose conf/train.yaml with the tiny overrides plus ``extra``; outputs under tmp_path."""
+    """Compose conf/train.yaml with the tiny overrides plus ``extra``; outputs under tmp_path.
+
+    The synthetic set's size keys are added unless ``extra`` selects another dataset.
+    """
 
     def _make(*extra: str, config_name: str = "train") -> DictConfig:
+        other_data = any(o.startswith("data=") or "idrid" in o for o in extra)
+        synthetic = [] if other_data else SYNTHETIC_OVERRIDES
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(
                 config_name=config_name,
                 overrides=[
                     *TINY_OVERRIDES,
+                    *synthetic,
                     f"data.root={synthetic_root}",
                     f"paths.cache_dir={cache_dir}",
                     f"paths.log_dir={tmp_path / 'logs'}",

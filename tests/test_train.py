@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_OVERRIDES
+from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
 from visioncare.training import train
 
@@ -31,7 +31,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cache_dir):
     logs = tmp_path / "logs"
     command = [
-        sys.executable, "src/train.py", *TINY_OVERRIDES,
+        sys.executable, "src/train.py", *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
         "trainer.max_epochs=4", "unfreeze_step=1",
         f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}",
     ]  # fmt: skip

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
 from visioncare.utils.hydra import instantiate_group
+from visioncare.utils.precision import resolve_precision
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
 
 log = logging.getLogger("visioncare")
@@ -106,13 +107,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger; metrics.csv has `lr`
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    log.info("Precision: %s", precision)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+    )
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(_hparams(cfg))
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only=True: checkpoints hold plain data only, so loading never runs pickled code.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best_cb = next((c for c in callbacks if isinstance(c, BestAverageAccuracy)), None)
     best_path = best_cb.best_model_path if best_cb else ""
@@ -121,8 +127,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
         # Re-validate the best weights for their confusion matrices, then test exactly once.
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
+        best = best_path or None
+        trainer.validate(model, datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        results = trainer.test(model, datamodule, ckpt_path=best, weights_only=True)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     best_metrics = dict(best_cb.best_metrics) if best_cb else {}

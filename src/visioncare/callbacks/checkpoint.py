@@ -23,7 +23,8 @@ from visioncare.metrics import mean_f1
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:
     """`trainer.save_checkpoint` to a temporary file, then rename it over ``path`` (rank 0)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)  # collective under DDP: every rank calls it, rank 0 writes
+    # Full training state (not weights only). Collective under DDP: every rank calls it.
+    trainer.save_checkpoint(tmp, weights_only=False)
     if trainer.is_global_zero:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())

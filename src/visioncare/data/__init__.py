@@ -1,6 +1,5 @@
-"""Data: dataset sources, synthetic generator, preprocessing cache, transforms, datamodule."""
+"""Data: dataset sources, synthetic generator, preprocessing + cache, transforms, datamodule.
 
-from visioncare.data.datamodule import FundusDataModule
-from visioncare.data.records import Record, stratified_split
-
-__all__ = ["FundusDataModule", "Record", "stratified_split"]
+Import from the submodules (`visioncare.data.datamodule`, ...): this package stays import-light
+so that worker processes rendering or caching images start fast.
+"""

@@ -1,7 +1,4 @@
-"""Dataset sources: each turns one public dataset's files into `Record` lists per split."""
+"""Dataset sources: each turns one public dataset's files into `Record` lists per split.
 
-from visioncare.data.sources.base import DatasetSource
-from visioncare.data.sources.idrid import IDRiDSource
-from visioncare.data.sources.synthetic import SyntheticSource
-
-__all__ = ["DatasetSource", "IDRiDSource", "SyntheticSource"]
+Import from the submodules (`visioncare.data.sources.idrid`, ...).
+"""

@@ -1,0 +1,57 @@
+"""Choose the Trainer's precision for the machine at hand (`trainer.precision=auto`).
+
+Mixed precision is a large win where the hardware does the low-precision math natively: fp16
+tensor cores on GPUs, AVX-512 BF16/AMX on recent x86 CPUs (about 1.9x on EfficientNetV2-S). On a CPU
+without them, bf16 is emulated and trains an order of magnitude *slower* than fp32 (measured on
+an AVX2-only EPYC: 0.15 vs 2.9 img/s at 224 px), so `auto` picks fp32 there.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("visioncare")
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX-512 BF16 or AMX)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = set(cpuinfo.read_text(errors="ignore").split())
+        return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def uses_gpu(accelerator: str) -> bool:
+    """Whether Lightning's accelerator choice lands on a CUDA device."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`auto` → 16-mixed on GPU, bf16-mixed on CPUs with native bf16, else 32-true.
+
+    Explicit values pass through; half precision on a CPU without native bf16 gets a warning.
+    """
+    on_gpu = uses_gpu(accelerator)
+    if str(precision) == "auto":
+        if on_gpu:
+            return "16-mixed"
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    if (
+        not on_gpu
+        and str(precision) in ("16-mixed", "bf16-mixed", "bf16", "16")
+        and not cpu_has_native_bf16()
+    ):
+        log.warning(
+            "trainer.precision=%s on a CPU without native bf16 (no AVX-512 BF16/AMX) is emulated "
+            "and much slower than fp32; use trainer.precision=auto or 32-true",
+            precision,
+        )
+    return precision

@@ -1,0 +1,79 @@
+"""Every config group composes and instantiates; environment-dependent choices are explicit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from visioncare.errors import ConfigurationError
+from visioncare.models.net import TwoHeadNet
+from visioncare.utils import precision
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["data=idrid", "loss=fixed", "trainer=gpu", "logger=csv"],
+        ["experiment=idrid_effv2s"],
+        ["experiment=synthetic_tiny"],
+        ["debug=default"],
+        ["model=effv2s", "trainer.devices=1", "trainer.max_epochs=3", "trainer.precision=32-true"],
+    ],
+)
+def test_config_groups_compose(make_cfg, overrides):
+    cfg = make_cfg(*overrides)
+    assert cfg.model._target_.endswith("VisionCareModule")
+    assert cfg.callbacks.gradual_unfreezing.unfreeze_step == cfg.unfreeze_step
+    loss = instantiate(cfg.loss)
+    assert isinstance(loss, torch.nn.Module)
+
+
+def test_default_is_synthetic_effv2s(make_cfg):
+    cfg = make_cfg("model=effv2s")
+    assert cfg.model.backbone == "tf_efficientnetv2_s" and cfg.model.pretrained is False
+    assert cfg.data.source._target_.endswith("SyntheticSource")
+    assert cfg.seed == 42 and cfg.ckpt_path is None
+
+
+def test_effv2s_uses_its_own_normalisation():
+    net = TwoHeadNet("tf_efficientnetv2_s")
+    assert tuple(net.data_config["mean"]) == (0.5, 0.5, 0.5)
+    logits = net(torch.randn(2, 3, 64, 64))
+    assert logits["dr"].shape == (2, 5) and logits["dme"].shape == (2, 3)
+
+
+def test_pretrained_offline_names_both_ways_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigurationError) as error:
+        TwoHeadNet("test_efficientnet", pretrained=True)
+    assert "model.pretrained=false" in str(error.value)
+    assert "model.weights_path=FILE" in str(error.value)
+
+
+def test_weights_path_loads_a_local_timm_checkpoint(tmp_path):
+    source = TwoHeadNet("test_efficientnet")
+    path = tmp_path / "backbone.pth"
+    torch.save(source.backbone.state_dict(), path)
+    loaded = TwoHeadNet("test_efficientnet", weights_path=str(path))
+    for (name, a), (_, b) in zip(
+        source.backbone.state_dict().items(), loaded.backbone.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        TwoHeadNet("test_efficientnet", weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_backbone_is_named():
+    with pytest.raises(ConfigurationError, match="not a timm model"):
+        TwoHeadNet("efficientnet_b99")
+
+
+def test_auto_precision(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision("auto", "cpu") == "32-true"
+    assert precision.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # explicit wins
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert precision.resolve_precision("auto", "gpu") == "16-mixed"

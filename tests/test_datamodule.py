@@ -1,0 +1,99 @@
+"""FundusDataModule: validation before training, the cache, and reproducible augmentation."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_idrid import make_idrid
+from visioncare.data.datamodule import FundusDataModule
+from visioncare.data.dataset import EpochSeededSampler
+from visioncare.data.sources.idrid import IDRiDSource
+from visioncare.errors import ConfigurationError, DataValidationError
+
+NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def _rows(n: int) -> list[tuple[str, str, str]]:
+    return [(f"IDRiD_{i:03d}", str(i % 5), str(0 if i % 5 < 2 else i % 3)) for i in range(1, n + 1)]
+
+
+def _module(root, cache, **kwargs) -> FundusDataModule:
+    options = {"image_size": 32, "cache_size": 40, "batch_size": 4, "num_workers": 0}
+    options.update(kwargs)
+    return FundusDataModule(IDRiDSource, root=str(root), cache_dir=str(cache), **NORM, **options)
+
+
+def test_setup_splits_and_loads_batches(tmp_path):
+    make_idrid(tmp_path / "idrid", _rows(20), _rows(5))
+    dm = _module(tmp_path / "idrid", tmp_path / "cache", val_fraction=0.25)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.sizes() == {"num_train": 15, "num_val": 5, "num_test": 5}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert set(batch) == {"image", "dr", "dme", "index"}
+
+
+def test_missing_and_corrupt_images_are_reported_together(tmp_path):
+    root = make_idrid(tmp_path / "idrid", _rows(6), _rows(2))
+    images = root / "B. Disease Grading" / "1. Original Images" / "a. Training Set"
+    (images / "IDRiD_002.jpg").unlink()
+    (images / "IDRiD_003.jpg").write_bytes(b"not a jpeg at all")
+    dm = _module(root, tmp_path / "cache")
+    with pytest.raises(DataValidationError, match=r"IDRiD_002.*image file not found"):
+        dm.prepare_data()
+    (images / "IDRiD_002.jpg").write_bytes((images / "IDRiD_001.jpg").read_bytes())
+    with pytest.raises(DataValidationError, match=r"IDRiD_003\.jpg is not a decodable image"):
+        _module(root, tmp_path / "cache").prepare_data()
+    skipping = _module(root, tmp_path / "cache", on_bad_image="skip")
+    skipping.prepare_data()
+    assert sum(len(v) for k, v in skipping.splits.items() if k != "test") == 5
+
+
+def test_cache_is_reused_and_rebuilt_when_parameters_change(tmp_path):
+    root = make_idrid(tmp_path / "idrid", _rows(4), _rows(1))
+    first = _module(root, tmp_path / "cache")
+    first.prepare_data()
+    files = sorted(first.cache.folder.rglob("*.npy"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = _module(root, tmp_path / "cache")
+    second.prepare_data()
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rewritten
+    bigger = _module(root, tmp_path / "cache", cache_size=48)
+    bigger.prepare_data()
+    assert bigger.cache.folder != first.cache.folder
+    assert np.load(next(bigger.cache.folder.rglob("*.npy"))).shape == (48, 48, 3)
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    root = make_idrid(tmp_path / "idrid", _rows(8), _rows(1))
+    dm = _module(root, tmp_path / "cache")
+    dm.prepare_data()
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    a, b = dataset[(3, 2)]["image"], dataset[(3, 2)]["image"]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dataset[(4, 2)]["image"])
+
+
+def test_sampler_order_is_reproducible_and_sharded():
+    sampler = EpochSeededSampler(10, seed=1)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    assert first == list(sampler) and sorted(i for _, i in first) == list(range(10))
+    assert all(epoch == 2 for epoch, _ in first)
+    sampler.set_epoch(3)
+    assert [i for _, i in sampler] != [i for _, i in first]
+    shards = [list(EpochSeededSampler(10, seed=1, rank=r, world_size=3)) for r in range(3)]
+    assert {len(s) for s in shards} == {4}  # equal length on every rank
+    assert {i for shard in shards for _, i in shard} == set(range(10))
+
+
+def test_unknown_data_key_is_named(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"data.num_trian"):
+        FundusDataModule(partial(IDRiDSource), root=str(tmp_path), num_trian=3)
