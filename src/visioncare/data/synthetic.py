@@ -1,0 +1,1391 @@
+"""Procedural synthetic colour fundus photographs, written in IDRiD's Disease Grading layout.
+
+Why: the real IDRiD archive cannot be downloaded on the build machines, yet the whole pipeline
+(loader, preprocessing, training, evaluation) must run end to end and learn something real. This
+module draws fundus photographs whose labels come *only* from the lesions that are rendered, and
+writes them exactly as IDRiD ships them, so the real IDRiD loader reads them unchanged.
+
+Clinical rules applied when planning lesions (ICDR scale, see ``/work/shared/DATASETS.md``):
+
+* DR 0: no lesions at all.
+* DR 1 (mild NPDR): microaneurysms only (2-6 small dark-red dots).
+* DR 2 (moderate NPDR): microaneurysms plus 3-8 dot/blot/flame haemorrhages, sometimes
+  cotton-wool spots; hard exudates only when DME > 0. Never enough haemorrhages for the 4-2-1 rule.
+* DR 3 (severe NPDR): at least 5 haemorrhages in *each* of the four quadrants around the fovea
+  (the 4-2-1 rule's first arm) plus venous beading on (usually two or three) main veins.
+* DR 4 (PDR): a DR-3 background plus neovascularisation (at the disc or elsewhere) and/or a
+  pre-retinal (boat-shaped) haemorrhage.
+* DME is decided by hard exudates only, measured in optic-disc diameters (DD) from the fovea:
+  0 none anywhere; 1 present but every exudate farther than 1 DD; 2 at least one within 1 DD.
+  DME > 0 requires DR >= 2, and DR >= 2 with DME 0 has no hard exudates.
+
+Hard exudates are drawn last and the large lesions keep clear of them, so the signs that decide
+DME are never hidden; every lesion lies inside the visible field.
+
+Grade must not leak through global cues: each image's generator is split into independent
+streams (anatomy, appearance, lesions, camera noise), so the same seed rendered at two grades
+gives the same eye, colours, illumination and noise and differs only where lesions are drawn.
+Lesion sizes are relative to the image size so they survive resizing to 224 px (a
+microaneurysm keeps a radius of >= 1.1 px there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IDRID_TRAIN_COUNTS_DME",
+    "IDRID_TRAIN_COUNTS_DR",
+    "SYNTHETIC_MANIFEST",
+    "generate_synthetic_idrid",
+    "render_fundus",
+    "sample_grades",
+]
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_MANIFEST = "visioncare_synthetic.json"
+IDRID_TRAIN_COUNTS_DR = (134, 20, 136, 74, 49)
+IDRID_TRAIN_COUNTS_DME = (177, 41, 195)
+# DME 0/1/2 among the 259 training images with DR >= 2 (DR 0-1 always have DME 0).
+_DME_COUNTS_REFERABLE = (23, 41, 195)
+# Bump whenever the rendered pixels or the layout change, so cached datasets are rebuilt.
+GENERATOR_VERSION = 1
+
+_GRADING_DIR = "B. Disease Grading"
+_IMAGES_DIR = "1. Original Images"
+_GROUNDTRUTH_DIR = "2. Groundtruths"
+_SPLIT_IMAGE_DIRS = ("a. Training Set", "b. Testing Set")
+_SPLIT_CSV_NAMES = (
+    "a. IDRiD_Disease Grading_Training Labels.csv",
+    "b. IDRiD_Disease Grading_Testing Labels.csv",
+)
+# The published CSV really carries the trailing space after "edema".
+_CSV_HEADER = "Image name,Retinopathy grade,Risk of macular edema "
+_JPEG_QUALITY = 95
+_MIN_IMAGE_SIZE = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Class proportions
+# --------------------------------------------------------------------------------------------
+
+
+def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
+    """Split ``total`` into integers proportional to integer ``weights`` (Hamilton's method).
+
+    Exact integer arithmetic, so e.g. ``total == sum(weights)`` reproduces ``weights``.
+    """
+    denom = sum(weights)
+    nums = [total * w for w in weights]
+    counts = [n // denom for n in nums]
+    order = sorted(range(len(weights)), key=lambda i: (-(nums[i] % denom), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _round_table(rows: Sequence[int], cols: Sequence[int]) -> list[list[int]]:
+    """Integer table with the given row/column sums, close to the independence table.
+
+    Controlled rounding: floor every cell of ``rows[i] * cols[j] / total``, then hand out the
+    missing units by largest remainder where both the row and the column still need one.
+    """
+    total = sum(rows)
+    assert total == sum(cols)
+    if total == 0:
+        return [[0] * len(cols) for _ in rows]
+    table = [[r * c // total for c in cols] for r in rows]
+    row_left = [r - sum(t) for r, t in zip(rows, table, strict=True)]
+    col_left = [c - sum(t[j] for t in table) for j, c in enumerate(cols)]
+    cells = sorted(
+        ((i, j) for i in range(len(rows)) for j in range(len(cols))),
+        key=lambda ij: (-((rows[ij[0]] * cols[ij[1]]) % total), ij),
+    )
+    for i, j in cells:
+        if row_left[i] > 0 and col_left[j] > 0:
+            table[i][j] += 1
+            row_left[i] -= 1
+            col_left[j] -= 1
+    for i in range(len(rows)):  # rare leftovers: any cell whose row and column still need one
+        for j in range(len(cols)):
+            extra = min(row_left[i], col_left[j])
+            table[i][j] += extra
+            row_left[i] -= extra
+            col_left[j] -= extra
+    return table
+
+
+def sample_grades(n: int, seed: int) -> list[tuple[int, int]]:
+    """(dr, dme) pairs with IDRiD's joint class proportions, deterministic from seed.
+
+    Counts are exact rather than sampled, so small synthetic sets still contain every class
+    (all DR and DME grades from n = 20) and n = 413 reproduces IDRiD's training counts exactly.
+    First the DR marginal is allocated by largest remainder, then the DME split of the DR >= 2
+    images (IDRiD ratio 23/41/195), then a controlled rounding of the DR-2..4 x DME table;
+    DR 0-1 always get DME 0. The list is shuffled with ``seed``.
+
+    Args:
+        n: Number of pairs.
+        seed: Seed of the shuffle.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    dr_counts = _largest_remainder(n, IDRID_TRAIN_COUNTS_DR)
+    referable = dr_counts[2:]
+    dme_counts = _largest_remainder(sum(referable), _DME_COUNTS_REFERABLE)
+    table = _round_table(referable, dme_counts)
+    pairs = [(0, 0)] * dr_counts[0] + [(1, 0)] * dr_counts[1]
+    for offset, row in enumerate(table):
+        for dme, count in enumerate(row):
+            pairs += [(2 + offset, dme)] * count
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------------
+# Scene description: geometry, vessels, lesions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where things are in one image, in pixels (x = column, y = row)."""
+
+    size: int
+    centre: tuple[float, float]
+    radius: float  # fundus field radius
+    clip: float | None  # half-height of the visible band when top/bottom are cut off
+    side: int  # +1: disc right of the fovea in the image (right eye), -1: left eye
+    disc: tuple[float, float]
+    disc_diameter: float  # DD, the unit of the DME rule (horizontal disc diameter)
+    disc_aspect: float  # vertical / horizontal disc diameter
+    fovea: tuple[float, float]
+
+    def visible(self, x: float, y: float, margin: float = 0.0) -> bool:
+        """True where (x, y) lies inside the visible fundus field, ``margin`` px from its edge."""
+        cx, cy = self.centre
+        if math.hypot(x - cx, y - cy) > self.radius - margin:
+            return False
+        return self.clip is None or abs(y - cy) <= self.clip - margin
+
+    def quadrant(self, x: float, y: float) -> int:
+        """Quadrant (0-3) around the fovea: lines through the fovea split the field in four."""
+        fx, fy = self.fovea
+        return int(x >= fx) + 2 * int(y >= fy)
+
+    def dist_dd(self, x: float, y: float, to: tuple[float, float]) -> float:
+        """Distance from (x, y) to a point, in optic-disc diameters."""
+        return math.hypot(x - to[0], y - to[1]) / self.disc_diameter
+
+
+@dataclass
+class _Vessel:
+    """One vessel segment as a polyline with a full width (px) per point."""
+
+    points: np.ndarray  # (N, 2) float
+    widths: np.ndarray  # (N,) float
+    vein: bool
+    depth: int  # 0 for trunks leaving the disc
+
+
+@dataclass
+class _Lesion:
+    """One drawn lesion; ``radius`` is in pixels, ``params`` holds shape details."""
+
+    kind: str
+    x: float
+    y: float
+    radius: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+LESION_KINDS = (
+    "microaneurysm",
+    "haemorrhage",
+    "hard_exudate",
+    "cotton_wool_spot",
+    "venous_beading",
+    "neovascularisation",
+    "preretinal_haemorrhage",
+)
+
+
+def _check_grades(dr_grade: int, dme_grade: int) -> None:
+    """Reject grades outside the scales and DME without referable DR (never seen in IDRiD)."""
+    if dr_grade not in range(5):
+        raise ValueError(f"dr_grade must be an integer in 0-4, got {dr_grade!r}")
+    if dme_grade not in range(3):
+        raise ValueError(f"dme_grade must be an integer in 0-2, got {dme_grade!r}")
+    if dme_grade > 0 and dr_grade < 2:
+        raise ValueError(
+            f"DME grade {dme_grade} needs DR grade >= 2 (hard exudates make the retinopathy at "
+            f"least moderate), got DR {dr_grade}"
+        )
+
+
+def _sample_geometry(size: int, rng: np.random.Generator) -> _Geometry:
+    """Field circle, eye side, optic disc and fovea of a macula-centred 50-degree photograph."""
+    s = float(size)
+    radius = rng.uniform(0.42, 0.48) * s
+    cx = s / 2 + rng.uniform(-0.02, 0.02) * s
+    cy = s / 2 + rng.uniform(-0.02, 0.02) * s
+    clip = radius * rng.uniform(0.86, 0.96) if rng.random() < 0.5 else None
+    side = 1 if rng.random() < 0.5 else -1
+    dd = rng.uniform(0.15, 0.18) * 2 * radius
+    disc_to_fovea = rng.uniform(2.3, 2.7) * dd
+    # Macula-centred: fovea a little temporal of the centre, the disc nasal but fully inside.
+    fovea_offset = max(rng.uniform(0.1, 0.5) * dd, disc_to_fovea - radius + 0.9 * dd)
+    fx = cx - side * fovea_offset
+    disc_y = cy + rng.uniform(-0.35, 0.1) * dd
+    fy = disc_y + rng.uniform(0.0, 0.35) * dd  # the fovea sits slightly below the disc
+    disc_dx = math.sqrt(max(disc_to_fovea**2 - (fy - disc_y) ** 2, 0.0))
+    return _Geometry(
+        size=size,
+        centre=(cx, cy),
+        radius=radius,
+        clip=clip,
+        side=side,
+        disc=(fx + side * disc_dx, disc_y),
+        disc_diameter=dd,
+        disc_aspect=rng.uniform(1.0, 1.12),
+        fovea=(fx, fy),
+    )
+
+
+def _grow_vessel(
+    geom: _Geometry,
+    rng: np.random.Generator,
+    out: list[_Vessel],
+    start: tuple[float, float],
+    heading: float,
+    width: float,
+    length: float,
+    vein: bool,
+    depth: int,
+    curvature: float = 0.0,
+    turn: tuple[float, float] | None = None,
+) -> None:
+    """Grow one tortuous, tapering vessel and recursively its thinner branches.
+
+    Args:
+        turn: Optional (curvature, arc length) of an initial bend, used to make the temporal
+            arcades sweep around the macula before continuing with ``curvature``.
+    """
+    dd = geom.disc_diameter
+    step = max(1.0, 0.007 * geom.size)
+    min_width = max(0.5, 0.001 * geom.size)
+    cx, cy = geom.centre
+    fx, fy = geom.fovea
+    field_r2 = (geom.radius * 1.02) ** 2
+    faz_r2 = (0.3 * dd) ** 2  # foveal avascular zone: vessels stop short of the fovea
+    taper = math.exp(-step / (7.0 * dd))
+    branch_p = step / (rng.uniform(0.6, 1.1) * dd * (0.8**depth))
+    n_steps = math.ceil(length / step)
+    # Draw the per-step randomness in bulk: the walk below is a hot Python loop.
+    kicks = rng.normal(0.0, 0.3 * math.sqrt(step / dd), n_steps).tolist()
+    coins = rng.random(n_steps).tolist()
+    x, y = start
+    points, widths = [(x, y)], [width]
+    pending: list[tuple[tuple[float, float], float, float, float]] = []
+    for i in range(n_steps):
+        travelled = (i + 1) * step
+        bend = turn[0] if turn is not None and travelled <= turn[1] else curvature
+        heading += bend * step + kicks[i]
+        x += step * math.cos(heading)
+        y += step * math.sin(heading)
+        width *= taper
+        if (x - cx) ** 2 + (y - cy) ** 2 > field_r2 or width < min_width:
+            break
+        if travelled > 0.3 * dd and (x - fx) ** 2 + (y - fy) ** 2 < faz_r2:
+            break
+        points.append((x, y))
+        widths.append(width)
+        if depth < 3 and travelled > 0.4 * dd and coins[i] < branch_p:
+            child_width = width * rng.uniform(0.5, 0.75)
+            child_heading = heading + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.1)
+            pending.append(((x, y), child_heading, child_width, travelled))
+            width *= rng.uniform(0.85, 0.95)
+    if len(points) >= 2:
+        out.append(
+            _Vessel(np.asarray(points), np.asarray(widths), vein=vein, depth=depth),
+        )
+    for child_start, child_heading, child_width, at in pending:
+        child_length = max(length - at, dd) * rng.uniform(0.35, 0.75)
+        _grow_vessel(
+            geom,
+            rng,
+            out,
+            child_start,
+            child_heading,
+            child_width,
+            child_length,
+            vein,
+            depth + 1,
+            curvature=rng.normal(0.0, 0.25) / dd,
+        )
+
+
+def _grow_vessel_tree(geom: _Geometry, rng: np.random.Generator) -> list[_Vessel]:
+    """Arcade trunks (vein + artery above and below, temporal and nasal) and their branches.
+
+    Returned in growth order; trunk veins come first within each arcade, which the venous
+    beading planner relies on (it picks ``depth == 0`` veins).
+    """
+    dd = geom.disc_diameter
+    dx, dy = geom.disc
+    side = geom.side
+    vessels: list[_Vessel] = []
+    for sgn in (-1, 1):  # superior (up, -y) then inferior
+        bend_sign = sgn * side  # rotating from vertical towards the temporal side
+        for vein in (True, False):
+            trunk_width = (rng.uniform(0.075, 0.09) if vein else rng.uniform(0.055, 0.068)) * dd
+            start = (dx + rng.normal(0.0, 0.06) * dd, dy + sgn * rng.uniform(0.05, 0.2) * dd)
+            heading = sgn * math.pi / 2 + bend_sign * rng.uniform(0.1, 0.35)
+            bend_radius = rng.uniform(1.4, 2.0) * dd
+            bend_angle = rng.uniform(1.6, 2.0)
+            _grow_vessel(
+                geom,
+                rng,
+                vessels,
+                start,
+                heading,
+                trunk_width,
+                rng.uniform(5.5, 7.0) * dd,
+                vein,
+                0,
+                curvature=bend_sign * rng.uniform(0.0, 0.12) / dd,
+                turn=(bend_sign / bend_radius, bend_radius * bend_angle),
+            )
+            # nasal trunk
+            angle = rng.uniform(0.4, 1.1)
+            _grow_vessel(
+                geom,
+                rng,
+                vessels,
+                (dx + side * 0.1 * dd, dy + sgn * 0.1 * dd),
+                math.atan2(sgn * math.sin(angle), side * math.cos(angle)),
+                trunk_width * rng.uniform(0.7, 0.85),
+                rng.uniform(2.5, 4.0) * dd,
+                vein,
+                0,
+                curvature=rng.normal(0.0, 0.1) / dd,
+            )
+    temporal = math.pi if side > 0 else 0.0
+    for _ in range(int(rng.integers(2, 4))):  # small papillomacular vessels
+        _grow_vessel(
+            geom,
+            rng,
+            vessels,
+            (dx - side * 0.3 * dd, dy + rng.normal(0.0, 0.2) * dd),
+            temporal + rng.normal(0.0, 0.3),
+            rng.uniform(0.025, 0.035) * dd,
+            rng.uniform(1.5, 2.2) * dd,
+            bool(rng.random() < 0.5),
+            2,
+        )
+    return vessels
+
+
+class _Placer:
+    """Rejection sampler for lesion centres: inside the visible field, clear of the disc.
+
+    Dots sitting on a vessel would be invisible, so small lesions also keep clear of vessels.
+    """
+
+    def __init__(self, geom: _Geometry, vessels: Sequence[_Vessel], rng: np.random.Generator):
+        self.geom = geom
+        self.rng = rng
+        big = [v for v in vessels if v.widths.max() >= 1.0]
+        self._vessel_pts = np.concatenate([v.points for v in big]) if big else np.zeros((0, 2))
+        self._vessel_half = np.concatenate([v.widths / 2 for v in big]) if big else np.zeros(0)
+
+    def _clear_of_vessels(self, x: float, y: float, clearance: float) -> bool:
+        if len(self._vessel_pts) == 0:
+            return True
+        d = np.hypot(self._vessel_pts[:, 0] - x, self._vessel_pts[:, 1] - y) - self._vessel_half
+        return bool(d.min() > clearance)
+
+    def sample(
+        self,
+        size: float,
+        quadrant: int | None = None,
+        near: tuple[tuple[float, float], float, float] | None = None,
+        disc_clearance_dd: float = 0.75,
+        fovea_clearance_dd: float = 0.0,
+        avoid_vessels: bool = True,
+        avoid: Sequence[tuple[float, float, float]] = (),
+        tries: int = 400,
+    ) -> tuple[float, float] | None:
+        """A centre satisfying every constraint, or None if none was found.
+
+        Args:
+            size: Lesion radius in px (kept inside the field and off vessels).
+            quadrant: Required quadrant around the fovea.
+            near: ((x, y), min_dist, max_dist) annulus in px to sample in.
+            disc_clearance_dd: Minimum distance from the disc centre, in DD.
+            fovea_clearance_dd: Minimum distance from the fovea (edge of lesion), in DD.
+            avoid: (x, y, r) discs the lesion must not overlap.
+        """
+        g = self.geom
+        cx, cy = g.centre
+        for _ in range(tries):
+            if near is not None:
+                (nx, ny), rmin, rmax = near
+                r = math.sqrt(self.rng.uniform(rmin**2, rmax**2))
+                a = self.rng.uniform(0.0, 2 * math.pi)
+                x, y = nx + r * math.cos(a), ny + r * math.sin(a)
+            else:
+                r = g.radius * math.sqrt(self.rng.random())
+                a = self.rng.uniform(0.0, 2 * math.pi)
+                x, y = cx + r * math.cos(a), cy + r * math.sin(a)
+            if not g.visible(x, y, margin=size + 0.03 * g.size):
+                continue
+            if quadrant is not None and g.quadrant(x, y) != quadrant:
+                continue
+            if g.dist_dd(x, y, g.disc) < disc_clearance_dd + size / g.disc_diameter:
+                continue
+            if g.dist_dd(x, y, g.fovea) - size / g.disc_diameter < fovea_clearance_dd:
+                continue
+            if any(math.hypot(x - ax, y - ay) < ar + size + 1.0 for ax, ay, ar in avoid):
+                continue
+            if avoid_vessels and not self._clear_of_vessels(x, y, size * 0.5 + 1.0):
+                continue
+            return x, y
+        return None
+
+
+def _haemorrhage(
+    placer: _Placer, rng: np.random.Generator, quadrant: int | None, avoid: list
+) -> _Lesion | None:
+    """A dot, blot (cluster of ellipses) or flame (radially oriented streak) haemorrhage."""
+    g = placer.geom
+    r = rng.uniform(0.01, 0.02) * g.size
+    pos = placer.sample(r, quadrant=quadrant, avoid_vessels=False, avoid=avoid)
+    if pos is None:
+        return None
+    x, y = pos
+    shape = str(rng.choice(["dot", "blot", "flame"], p=[0.35, 0.45, 0.2]))
+    if shape == "dot":
+        parts = [(0.0, 0.0, r, r * rng.uniform(0.85, 1.0), rng.uniform(0, math.pi))]
+    elif shape == "blot":
+        parts = [(0.0, 0.0, r * 0.8, r * rng.uniform(0.6, 0.8), rng.uniform(0, math.pi))]
+        for _ in range(int(rng.integers(2, 5))):
+            a = rng.uniform(0, 2 * math.pi)
+            d = rng.uniform(0.2, 0.45) * r
+            parts.append(
+                (
+                    d * math.cos(a),
+                    d * math.sin(a),
+                    r * rng.uniform(0.4, 0.6),
+                    r * rng.uniform(0.3, 0.5),
+                    rng.uniform(0, math.pi),
+                )
+            )
+    else:  # flame: along the nerve fibres, i.e. roughly radial from the disc
+        angle = math.atan2(y - g.disc[1], x - g.disc[0]) + rng.normal(0.0, 0.2)
+        parts = [(0.0, 0.0, r * rng.uniform(1.4, 1.9), r * rng.uniform(0.4, 0.55), angle)]
+    return _Lesion(
+        "haemorrhage",
+        x,
+        y,
+        r,
+        {"shape": shape, "parts": parts, "darkness": rng.uniform(0.85, 1.0)},
+    )
+
+
+def _plan_exudates(
+    placer: _Placer, rng: np.random.Generator, dme_grade: int, avoid: list
+) -> list[_Lesion]:
+    """Hard exudate spots (one lesion per spot) obeying the DME distance rule.
+
+    DME 2: a cluster (or circinate ring) around a point within 0.6 DD of the fovea, with at
+    least one spot centre within 0.85 DD. DME 1: clusters whose every spot edge stays at least
+    1.2 DD from the fovea. The margins keep the label unambiguous after blur and resizing.
+    """
+    g = placer.geom
+    dd = g.disc_diameter
+    spots: list[_Lesion] = []
+
+    def spot(x: float, y: float, r: float) -> _Lesion:
+        return _Lesion("hard_exudate", x, y, r, {"tone": rng.uniform(0.9, 1.05)})
+
+    def add_cluster(centre: tuple[float, float], spread: float, count: int, far: bool) -> None:
+        circinate = rng.random() < 0.3
+        ring = rng.uniform(0.35, 0.6) * dd
+        for _ in range(count):
+            r = rng.uniform(0.0045, 0.009) * g.size
+            if circinate:
+                a = rng.uniform(0, 2 * math.pi)
+                d = ring * rng.uniform(0.85, 1.15)
+                x, y = centre[0] + d * math.cos(a), centre[1] + d * math.sin(a)
+            else:
+                x, y = centre + rng.normal(0.0, spread, size=2)
+            if not g.visible(x, y, margin=r + 1.0) or g.dist_dd(x, y, g.disc) < 0.75:
+                continue
+            if far and g.dist_dd(x, y, g.fovea) - r / dd < 1.2:
+                continue
+            spots.append(spot(float(x), float(y), r))
+
+    if dme_grade == 2:
+        centre = placer.sample(0.0, near=(g.fovea, 0.0, 0.6 * dd), disc_clearance_dd=1.0)
+        centre = centre or g.fovea
+        add_cluster(centre, rng.uniform(0.15, 0.35) * dd, int(rng.integers(5, 14)), far=False)
+        if not any(g.dist_dd(s.x, s.y, g.fovea) <= 0.85 for s in spots):
+            a = rng.uniform(0, 2 * math.pi)
+            d = rng.uniform(0.1, 0.6) * dd
+            r = rng.uniform(0.006, 0.009) * g.size
+            spots.append(spot(g.fovea[0] + d * math.cos(a), g.fovea[1] + d * math.sin(a), r))
+        extra_clusters = int(rng.integers(0, 3))
+    else:
+        extra_clusters = int(rng.integers(1, 4))
+    for _ in range(extra_clusters):
+        centre = placer.sample(
+            0.3 * dd, fovea_clearance_dd=1.5, avoid_vessels=False, near=(g.fovea, 0, 4.5 * dd)
+        )
+        if centre is not None:
+            add_cluster(centre, rng.uniform(0.1, 0.3) * dd, int(rng.integers(3, 12)), far=True)
+    if dme_grade == 1 and not spots:  # guarantee at least one far exudate
+        for _ in range(50):
+            pos = placer.sample(0.01 * g.size, fovea_clearance_dd=1.3, avoid_vessels=False)
+            if pos is not None:
+                spots.append(spot(pos[0], pos[1], 0.008 * g.size))
+                break
+    avoid.extend((s.x, s.y, s.radius) for s in spots)
+    return spots
+
+
+def _plan_beading(
+    geom: _Geometry, vessels: Sequence[_Vessel], rng: np.random.Generator
+) -> list[_Lesion]:
+    """Venous beading (periodic dilatations) on two or three main veins."""
+    dd = geom.disc_diameter
+    trunks = [v for v in vessels if v.vein and v.depth == 0 and len(v.points) > 8]
+    count = int(rng.integers(2, 4))
+    lesions: list[_Lesion] = []
+    for idx in rng.permutation(len(trunks)):
+        if len(lesions) == count:
+            break
+        v = trunks[int(idx)]
+        seg = np.hypot(*np.diff(v.points, axis=0).T)
+        arc = np.concatenate([[0.0], np.cumsum(seg)])
+        start = rng.uniform(0.6, 1.5) * dd
+        stop = min(start + rng.uniform(1.5, 2.5) * dd, arc[-1])
+        width = float(np.interp(start, arc, v.widths))
+        spacing = rng.uniform(2.2, 3.0) * max(width, 1.5)
+        at = np.arange(start, stop, spacing)
+        xs = np.interp(at, arc, v.points[:, 0])
+        ys = np.interp(at, arc, v.points[:, 1])
+        radii = np.interp(at, arc, v.widths) * rng.uniform(0.85, 1.05)
+        beads = [
+            (float(x), float(y), float(r))
+            for x, y, r in zip(xs, ys, radii, strict=True)
+            if geom.visible(x, y)
+        ]
+        if len(beads) >= 3:
+            mid = beads[len(beads) // 2]
+            lesions.append(_Lesion("venous_beading", mid[0], mid[1], mid[2], {"beads": beads}))
+    return lesions
+
+
+def _plan_neovascularisation(
+    placer: _Placer,
+    vessels: Sequence[_Vessel],
+    rng: np.random.Generator,
+    avoid: list,
+    at_disc: bool | None = None,
+) -> _Lesion | None:
+    """A tangle of fine tortuous new vessels on a faint fibrous veil, at the disc or elsewhere.
+
+    Args:
+        at_disc: Force NVD (True) or NVE (False); None picks at random. NVD always succeeds.
+    """
+    g = placer.geom
+    dd = g.disc_diameter
+    extent = rng.uniform(0.4, 0.65) * dd
+    if at_disc is None:
+        at_disc = bool(rng.random() < 0.5)
+    if at_disc:  # NVD: on or next to the disc
+        a = rng.uniform(0, 2 * math.pi)
+        d = rng.uniform(0.0, 0.5) * dd
+        centre: tuple[float, float] | None = (
+            g.disc[0] + d * math.cos(a),
+            g.disc[1] + d * math.sin(a),
+        )
+        where = "disc"
+    else:  # NVE: along a main vessel, a few DD from the disc
+        trunks = [v for v in vessels if v.depth <= 1 and len(v.points) > 10]
+        centre = None
+        for _ in range(50):
+            v = trunks[int(rng.integers(len(trunks)))]
+            x, y = v.points[int(rng.integers(len(v.points)))]
+            if (
+                g.visible(x, y, margin=extent)
+                and g.dist_dd(x, y, g.disc) > 1.5
+                and g.dist_dd(x, y, g.fovea) > 1.3 + extent / dd
+                and all(math.hypot(x - ax, y - ay) > ar + extent for ax, ay, ar in avoid)
+            ):
+                centre = (float(x), float(y))
+                break
+        where = "elsewhere"
+    if centre is None:
+        return None
+    loops = []
+    step = extent * 0.12
+    for _ in range(int(rng.integers(8, 15))):
+        a = rng.uniform(0, 2 * math.pi)
+        d = extent * math.sqrt(rng.random()) * 0.8
+        x, y = centre[0] + d * math.cos(a), centre[1] + d * math.sin(a)
+        heading = rng.uniform(0, 2 * math.pi)
+        pts = [(x, y)]
+        for _ in range(int(rng.integers(12, 30))):
+            heading += rng.normal(0.0, 0.7)
+            if math.hypot(x - centre[0], y - centre[1]) > extent:  # turn back into the tangle
+                heading = math.atan2(centre[1] - y, centre[0] - x) + rng.normal(0.0, 0.5)
+            x += step * math.cos(heading)
+            y += step * math.sin(heading)
+            pts.append((x, y))
+        loops.append(pts)
+    avoid.append((centre[0], centre[1], extent))
+    return _Lesion(
+        "neovascularisation",
+        centre[0],
+        centre[1],
+        extent,
+        {"where": where, "loops": loops, "veil": rng.uniform(0.15, 0.3)},
+    )
+
+
+def _plan_preretinal(placer: _Placer, rng: np.random.Generator, avoid: list) -> _Lesion | None:
+    """A boat-shaped pre-retinal haemorrhage: round below, flat fluid level on top."""
+    g = placer.geom
+    dd = g.disc_diameter
+    half_w = rng.uniform(0.45, 0.8) * dd
+    half_h = half_w * rng.uniform(0.6, 0.85)
+    pos = placer.sample(
+        half_w,
+        disc_clearance_dd=0.3,
+        fovea_clearance_dd=0.5,
+        avoid_vessels=False,
+        avoid=avoid,
+        near=(g.fovea, 1.5 * dd, 5.0 * dd),
+    )
+    if pos is None:
+        return None
+    avoid.append((pos[0], pos[1], half_w))
+    return _Lesion(
+        "preretinal_haemorrhage",
+        pos[0],
+        pos[1],
+        half_w,
+        {
+            "half_height": half_h,
+            "level": rng.uniform(0.1, 0.45),
+            "tilt": rng.normal(0, 0.05),
+            "seed": int(rng.integers(2**31)),
+        },
+    )
+
+
+def _plan_lesions(
+    dr_grade: int,
+    dme_grade: int,
+    geom: _Geometry,
+    vessels: Sequence[_Vessel],
+    rng: np.random.Generator,
+) -> list[_Lesion]:
+    """Every lesion to draw for the grades; the labels follow from this list alone.
+
+    Hard exudates are planned first and the large lesions keep clear of them, so nothing
+    hides the exudates that decide the DME grade.
+    """
+    _check_grades(dr_grade, dme_grade)
+    if dr_grade == 0:
+        return []
+    placer = _Placer(geom, vessels, rng)
+    lesions: list[_Lesion] = []
+    avoid: list[tuple[float, float, float]] = []
+    if dme_grade > 0:
+        lesions += _plan_exudates(placer, rng, dme_grade, avoid)
+    if dr_grade == 4:
+        kinds = [("nv",), ("prh",), ("nv", "prh")][int(rng.choice(3, p=[0.45, 0.2, 0.35]))]
+        proliferative: list[_Lesion] = []
+        if "nv" in kinds:
+            proliferative += _place(
+                int(rng.integers(1, 3)),
+                lambda: _plan_neovascularisation(placer, vessels, rng, avoid),
+            )
+        if "prh" in kinds:
+            proliferative += _place(
+                int(rng.integers(1, 3)), lambda: _plan_preretinal(placer, rng, avoid)
+            )
+        if not proliferative:  # DR 4 must show a proliferative sign; NVD always fits
+            proliferative += _place(
+                1, lambda: _plan_neovascularisation(placer, vessels, rng, avoid, at_disc=True)
+            )
+        lesions += proliferative
+    if dr_grade >= 3:
+        lesions += _plan_beading(geom, vessels, rng)
+        for quadrant in range(4):  # 4-2-1 rule: many haemorrhages in all four quadrants
+            n = int(rng.integers(5, 9))
+            lesions += _place(n, lambda q=quadrant: _haemorrhage(placer, rng, q, avoid))
+    elif dr_grade == 2:  # a few: never enough for the 4-2-1 rule
+        lesions += _place(int(rng.integers(3, 9)), lambda: _haemorrhage(placer, rng, None, avoid))
+    if dr_grade >= 2 and rng.random() < (0.4 if dr_grade == 2 else 0.6):
+        for _ in range(int(rng.integers(1, 4 if dr_grade == 2 else 6))):
+            r = rng.uniform(0.02, 0.035) * geom.size
+            pos = placer.sample(
+                r,
+                fovea_clearance_dd=1.2,
+                avoid_vessels=False,
+                avoid=avoid,
+                near=(geom.disc, 0.8 * geom.disc_diameter, 4.0 * geom.disc_diameter),
+            )
+            if pos is not None:
+                lesions.append(
+                    _Lesion(
+                        "cotton_wool_spot",
+                        pos[0],
+                        pos[1],
+                        r,
+                        {
+                            "aspect": rng.uniform(0.6, 0.9),
+                            "angle": rng.uniform(0, math.pi),
+                            "seed": int(rng.integers(2**31)),
+                        },
+                    )
+                )
+    n_ma = {1: (2, 7), 2: (3, 11), 3: (8, 21), 4: (8, 21)}[dr_grade]
+
+    def microaneurysm() -> _Lesion | None:
+        r = rng.uniform(0.005, 0.007) * geom.size
+        pos = placer.sample(r, near=(geom.fovea, 0.0, 4.0 * geom.disc_diameter), avoid=avoid)
+        pos = pos or placer.sample(r, avoid=avoid)
+        return None if pos is None else _Lesion("microaneurysm", pos[0], pos[1], r)
+
+    lesions += _place(int(rng.integers(*n_ma)), microaneurysm)
+    return lesions
+
+
+def _place(count: int, make: Callable[[], _Lesion | None]) -> list[_Lesion]:
+    """Up to ``count`` lesions from ``make`` (which returns None when it finds no room).
+
+    Attempts are bounded; in practice placement only fails in pathological geometries.
+    """
+    out: list[_Lesion] = []
+    for _ in range(20 * count):
+        if len(out) == count:
+            break
+        lesion = make()
+        if lesion is not None:
+            out.append(lesion)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------
+
+
+def _window(
+    size: int, x: float, y: float, extent: float
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
+    """ROI around (x, y) plus coordinate offsets, so lesions cost only their own pixels."""
+    x0, x1 = max(int(x - extent) - 1, 0), min(int(x + extent) + 2, size)
+    y0, y1 = max(int(y - extent) - 1, 0), min(int(y + extent) + 2, size)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(x)
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(y)
+    return (slice(y0, y1), slice(x0, x1)), dx, dy
+
+
+def _ellipse_alpha(
+    dx: np.ndarray, dy: np.ndarray, a: float, b: float, angle: float, soft: float = 1.0
+) -> np.ndarray:
+    """Anti-aliased filled ellipse; ``soft`` is the edge width in pixels."""
+    c, s = math.cos(angle), math.sin(angle)
+    u = (dx * c + dy * s) / a
+    v = (-dx * s + dy * c) / b
+    d = np.sqrt(u * u + v * v)
+    return np.clip((1.0 - d) * (min(a, b) / soft) + 0.5, 0.0, 1.0)
+
+
+def _blend(img: np.ndarray, sl: tuple[slice, slice], alpha: np.ndarray, colour: Any) -> None:
+    """Alpha-composite ``colour`` over ``img[sl]`` in place."""
+    patch = img[sl]
+    patch += alpha[..., None] * (np.asarray(colour, dtype=np.float32) - patch)
+
+
+def _polyline_mask(
+    shape: tuple[int, int], polylines: Sequence[tuple[np.ndarray, int, int]]
+) -> np.ndarray:
+    """uint8 mask of anti-aliased polylines given as (points, thickness, value)."""
+    mask = np.zeros(shape, np.uint8)
+    for pts, thickness, value in polylines:
+        ipts = np.round(np.asarray(pts) * 16).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(mask, [ipts], False, int(value), int(thickness), cv2.LINE_AA, 4)
+    return mask
+
+
+def _vessel_polylines(vessels: Sequence[_Vessel]) -> tuple[list, list]:
+    """Split vessels into runs of equal drawn thickness (veins, arteries), thin ones first.
+
+    Sub-pixel vessels are drawn 1 px wide but fainter, in a few intensity steps, so that runs
+    stay long (each run is one cv2 call).
+    """
+    runs: tuple[list, list] = ([], [])
+    for v in sorted(vessels, key=lambda v: float(v.widths.mean())):
+        w = v.widths
+        key = np.maximum(1, np.round(w)).astype(int) * 1000 + np.round(
+            8 * np.clip(w, 0.375, 1.0)
+        ).astype(int)
+        cuts = (np.flatnonzero(np.diff(key)) + 1).tolist()
+        for a, b in zip([0, *cuts], [*cuts, len(w)], strict=True):
+            stop = min(b + 1, len(w))  # overlap one point so runs join up
+            if stop - a >= 2:
+                thick, level = divmod(int(key[a]), 1000)
+                runs[0 if v.vein else 1].append((v.points[a:stop], thick, 255 * level // 8))
+    return runs
+
+
+def _smooth_noise(rng: np.random.Generator, grid: int, shape: tuple[int, int]) -> np.ndarray:
+    """Zero-mean smooth random field (bicubic upsampling of a coarse grid), roughly unit std."""
+    coarse = rng.standard_normal((grid, grid)).astype(np.float32)
+    coarse /= max(float(coarse.std()), 1e-6)
+    return cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+
+
+def _planes(
+    plane: np.ndarray, scales: Sequence[float], dst: np.ndarray | None = None
+) -> np.ndarray:
+    """(S, S) map times a per-channel scale -> (S, S, 3); cv2.merge is the fast way."""
+    return cv2.merge([plane * np.float32(k) for k in scales], dst=dst)
+
+
+def _composite(
+    img: np.ndarray, alpha: np.ndarray, colour: Sequence[float], scratch: np.ndarray
+) -> None:
+    """Full-image alpha composite of a flat colour, in place.
+
+    cv2.blendLinear is ~8x faster than the numpy expression; ``scratch`` (same shape as
+    ``img``) avoids fresh multi-megabyte buffers, whose page faults cost as much as the maths.
+    """
+    scratch.fill(0.0)
+    cv2.add(scratch, (*(float(c) for c in colour), 0.0), dst=scratch)
+    cv2.blendLinear(img, scratch, 1.0 - alpha, alpha, dst=img)
+
+
+def _draw_lesion(img: np.ndarray, les: _Lesion, base: np.ndarray, size: int) -> None:
+    """Composite one planned lesion (except venous beading, drawn with the veins)."""
+    if les.kind == "microaneurysm":
+        win = _window(size, les.x, les.y, les.radius + 2)
+        if win:
+            sl, dx, dy = win
+            alpha = 0.95 * _ellipse_alpha(dx, dy, les.radius, les.radius, 0.0, soft=1.0)
+            _blend(img, sl, alpha, base * (0.5, 0.13, 0.2))
+    elif les.kind == "haemorrhage":
+        reach = max(max(abs(px), abs(py)) + max(a, b) for px, py, a, b, _ in les.params["parts"])
+        win = _window(size, les.x, les.y, reach + 2)
+        if win:
+            sl, dx, dy = win
+            alpha = np.zeros((dy.shape[0], dx.shape[1]), np.float32)
+            for px, py, a, b, ang in les.params["parts"]:
+                alpha = np.maximum(alpha, _ellipse_alpha(dx - px, dy - py, a, b, ang, soft=1.5))
+            k = les.params["darkness"]
+            _blend(img, sl, 0.92 * alpha, base * (0.62 - 0.12 * k, 0.17 - 0.05 * k, 0.24))
+    elif les.kind == "hard_exudate":
+        win = _window(size, les.x, les.y, les.radius + 2)
+        if win:
+            sl, dx, dy = win
+            alpha = 0.95 * _ellipse_alpha(dx, dy, les.radius, les.radius * 0.85, 0.3, soft=0.8)
+            tone = les.params["tone"]
+            _blend(img, sl, alpha, np.array((1.0, 0.88, 0.42)) * tone)
+    elif les.kind == "cotton_wool_spot":
+        p = les.params
+        win = _window(size, les.x, les.y, les.radius + 2)
+        if win:
+            sl, dx, dy = win
+            h, w = dy.shape[0], dx.shape[1]
+            fluff = _smooth_noise(np.random.default_rng(p["seed"]), 5, (h, w))
+            c, s = math.cos(p["angle"]), math.sin(p["angle"])
+            u = (dx * c + dy * s) / les.radius
+            v = (-dx * s + dy * c) / (les.radius * p["aspect"])
+            d = np.sqrt(u * u + v * v) + 0.12 * fluff
+            alpha = 0.8 * np.clip(1.0 - d, 0.0, 1.0) ** 0.6
+            _blend(img, sl, alpha, (0.96, 0.92, 0.82))
+    elif les.kind == "neovascularisation":
+        p = les.params
+        win = _window(size, les.x, les.y, les.radius * 1.4 + 4)
+        if win:
+            sl, dx, dy = win
+            # Smooth bump with compact support (radius 1.4 R): the veil stays local.
+            r2 = (dx * dx + dy * dy) / (1.4 * les.radius) ** 2
+            veil = p["veil"] * np.clip(1.0 - r2, 0.0, 1.0) ** 3
+            _blend(img, sl, veil, (0.92, 0.85, 0.8))
+            y0, x0 = sl[0].start, sl[1].start
+            thick = max(1, round(0.0035 * size))
+            lines = [(np.asarray(pts) - (x0, y0), thick, 255) for pts in p["loops"]]
+            mask = _polyline_mask((dy.shape[0], dx.shape[1]), lines).astype(np.float32) / 255
+            _blend(img, sl, 0.9 * mask, base * (0.75, 0.2, 0.3))
+    elif les.kind == "preretinal_haemorrhage":
+        p = les.params
+        a, b = les.radius, p["half_height"]
+        win = _window(size, les.x, les.y, max(a, b) * 1.15 + 3)
+        if win:
+            sl, dx, dy = win
+            h, w = dy.shape[0], dx.shape[1]
+            wobble = _smooth_noise(np.random.default_rng(p["seed"]), 6, (h, w))
+            c, s = math.cos(p["tilt"]), math.sin(p["tilt"])
+            u = (dx * c + dy * s) / a
+            v = (-dx * s + dy * c) / b
+            d = np.sqrt(u * u + v * v) + 0.04 * wobble
+            alpha = np.clip((1.0 - d) * b / 2.5 + 0.5, 0.0, 1.0)
+            alpha *= np.clip(dy + p["level"] * b + 0.5, 0.0, 1.0)  # flat fluid level on top
+            shade = np.clip(0.5 + 0.5 * dy / b, 0.0, 1.0)[..., None]  # blood settles downwards
+            colour = base * np.array((0.6, 0.16, 0.2), np.float32) * (1.0 - 0.35 * shade)
+            patch = img[sl]
+            patch += (0.95 * alpha)[..., None] * (colour - patch)
+
+
+def _draw(
+    geom: _Geometry,
+    vessels: Sequence[_Vessel],
+    lesions: Sequence[_Lesion],
+    app_rng: np.random.Generator,
+    noise_rng: np.random.Generator,
+) -> np.ndarray:
+    """Render albedo (retina, disc, vessels, lesions), then illumination and camera effects.
+
+    All randomness of the global look comes from ``app_rng`` and ``noise_rng``, never from the
+    lesion stream, and no global step looks at the pixels (e.g. the contrast pivot is a fixed
+    colour, not the image mean), so the global appearance is independent of the grade.
+    Written for speed: full-image float32 passes are kept few, local work uses windows.
+    """
+    size = geom.size
+    shape = (size, size)
+    dd = geom.disc_diameter
+    cx, cy = geom.centre
+    f32 = np.float32
+
+    # Retina albedo: orange-red with choroidal mottling.
+    base = np.array(
+        [app_rng.uniform(0.78, 0.95), app_rng.uniform(0.3, 0.42), app_rng.uniform(0.1, 0.2)],
+        dtype=f32,
+    )
+    texture = f32(app_rng.uniform(0.03, 0.08)) * _smooth_noise(app_rng, 10, shape)
+    texture += f32(app_rng.uniform(0.015, 0.04)) * _smooth_noise(app_rng, 40, shape)
+    texture += f32(1.0)
+    img = _planes(texture, base)
+
+    # Macula: darker, slightly browner (macular pigment absorbs blue-green).
+    fx, fy = geom.fovea
+    sigma = app_rng.uniform(0.45, 0.7) * dd
+    win = _window(size, fx, fy, 3 * sigma)
+    depth = app_rng.uniform(0.3, 0.45)
+    reflex = app_rng.random() < 0.6
+    if win:
+        sl, dx, dy = win
+        r2 = dx * dx + dy * dy
+        mac = np.exp(-r2 / f32(2 * sigma**2))
+        img[sl] *= 1.0 - f32(depth) * mac[..., None] * np.array((0.8, 1.0, 1.1), f32)
+        if reflex:
+            # Faint and small, so it is not mistaken for a hard exudate at the fovea (DME 2).
+            glint = f32(0.15) * np.exp(-r2 / f32(2 * (0.03 * dd) ** 2))
+            _blend(img, sl, glint, (1.0, 0.9, 0.8))
+
+    # Optic disc: pale yellow-orange rim, brighter cup, soft margin.
+    win = _window(size, geom.disc[0], geom.disc[1], dd * geom.disc_aspect)
+    a = dd / 2
+    b = a * geom.disc_aspect
+    rim_colour = (
+        app_rng.uniform(0.95, 1.0),
+        app_rng.uniform(0.62, 0.74),
+        app_rng.uniform(0.38, 0.5),
+    )
+    cup = app_rng.uniform(0.3, 0.5)
+    cup_offset = -geom.side * app_rng.uniform(0.0, 0.12) * dd
+    disc_alpha = None
+    if win:
+        sl, dx, dy = win
+        halo = 0.35 * _ellipse_alpha(dx, dy, a * 1.25, b * 1.2, 0.0, soft=0.2 * dd)
+        _blend(img, sl, halo, base * np.array((1.1, 1.3, 1.4), f32))
+        disc_alpha = _ellipse_alpha(dx, dy, a, b, 0.0, soft=0.08 * dd)
+        _blend(img, sl, disc_alpha, rim_colour)
+        cup_alpha = 0.85 * _ellipse_alpha(dx - cup_offset, dy, a * cup, b * cup, 0.0, 0.1 * dd)
+        _blend(img, sl, cup_alpha, (1.0, 0.9, 0.75))
+
+    # Vessels (venous beading is drawn into the vein mask so it has the vein's colour).
+    scratch = np.empty_like(img)
+    vein_runs, artery_runs = _vessel_polylines(vessels)
+    vein_mask = _polyline_mask(shape, vein_runs)
+    artery_mask = _polyline_mask(shape, artery_runs)
+    for les in lesions:
+        if les.kind == "venous_beading":
+            for bx, by, br in les.params["beads"]:
+                centre = (round(bx * 16), round(by * 16))
+                cv2.circle(vein_mask, centre, round(br * 16), 255, -1, cv2.LINE_AA, 4)
+    sig = max(0.4, 0.0012 * size)
+    for mask, colour, opacity in (
+        (artery_mask, base * np.array((0.82, 0.42, 0.5), f32), 0.8),
+        (vein_mask, base * np.array((0.55, 0.2, 0.38), f32), 0.9),
+    ):
+        alpha = cv2.GaussianBlur(mask, (0, 0), sig).astype(f32)
+        alpha *= f32(opacity / 255)
+        if disc_alpha is not None:  # vessels look paler where they cross the disc
+            alpha[win[0]] *= 1.0 - 0.35 * disc_alpha
+        _composite(img, alpha, colour, scratch)
+
+    # Lesions: large ones first so small lesions stay on top (sorted() is stable).
+    order = {"preretinal_haemorrhage": 0, "neovascularisation": 1, "haemorrhage": 2}
+    order["hard_exudate"] = 4  # last: the DME sign must never be covered
+    for les in sorted(lesions, key=lambda les: order.get(les.kind, 3)):
+        _draw_lesion(img, les, base, size)
+
+    # Illumination (vignetting, uneven linear gradient) and field of view, in one (S, S) map.
+    xs = (np.arange(size, dtype=f32)[None, :] - f32(cx)) / f32(geom.radius)
+    ys = (np.arange(size, dtype=f32)[:, None] - f32(cy)) / f32(geom.radius)
+    r = np.sqrt(xs * xs + ys * ys)
+    falloff = cv2.pow(np.minimum(r, f32(1.0)), app_rng.uniform(1.8, 3.0))
+    vignette = 1.0 - f32(app_rng.uniform(0.2, 0.5)) * falloff
+    gx, gy = app_rng.normal(0.0, 0.12, size=2)
+    light = np.clip(vignette * (1.0 + f32(gx) * xs + f32(gy) * ys), 0.2, 1.5)
+    exposure = app_rng.uniform(0.85, 1.15)
+
+    # Camera colour response: channel gains (hue) and contrast around a fixed pivot colour.
+    gains = np.array(
+        [app_rng.uniform(0.92, 1.08), app_rng.uniform(0.85, 1.15), app_rng.uniform(0.75, 1.3)]
+    )
+    contrast = app_rng.uniform(0.85, 1.2)
+    pivot = 0.75 * exposure * gains * base
+    # Per channel: x * light * gain * exposure * contrast + pivot * (1 - contrast).
+    # In place (dst=img) throughout: fresh full-size buffers cost page faults.
+    cv2.multiply(img, _planes(light, exposure * gains * contrast, scratch), dst=img)
+    cv2.add(img, (*(pivot * (1.0 - contrast)).tolist(), 0.0), dst=img)
+    np.clip(img, 0.0, 1.0, out=img)
+    cv2.pow(img, app_rng.uniform(0.85, 1.2), dst=img)
+    cv2.GaussianBlur(img, (0, 0), app_rng.uniform(0.3, 0.9) * size / 512 + 0.2, dst=img)
+    noise_amp = np.sqrt(3.0) * app_rng.uniform(0.004, 0.018)  # uniform noise with that s.d.
+    noise_rng.random(img.shape, dtype=f32, out=scratch)
+    cv2.scaleAdd(scratch, 2 * noise_amp, img, dst=img)
+    cv2.subtract(img, (noise_amp,) * 3 + (0.0,), dst=img)
+
+    # Field of view: soft circular edge, sometimes cut off at top and bottom.
+    edge = max(1.0, 0.006 * size) / geom.radius
+    fov = np.clip((1.0 - r) / f32(edge) + f32(0.5), 0.0, 1.0)
+    if geom.clip is not None:
+        band = (f32(geom.clip / geom.radius) - np.abs(ys)) * f32(geom.radius)  # px inside
+        fov *= np.clip(band + f32(0.5), 0.0, 1.0)
+    cv2.multiply(img, _planes(fov, (255.0, 255.0, 255.0), scratch), dst=img)
+    np.clip(img, 0.0, 255.0, out=img)
+    return cv2.convertScaleAbs(img)  # rounds and saturates to uint8
+
+
+def _render_scene(
+    dr_grade: int, dme_grade: int, image_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, _Geometry, list[_Vessel], list[_Lesion]]:
+    """Render one image and return it with the scene it was drawn from (for tests)."""
+    _check_grades(dr_grade, dme_grade)
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}")
+    # Independent streams: the grade changes only what the lesion stream draws.
+    anatomy_seed, appearance_seed, lesion_seed, noise_seed = (
+        int(s) for s in rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
+    )
+    anatomy_rng = np.random.default_rng(anatomy_seed)
+    geom = _sample_geometry(image_size, anatomy_rng)
+    vessels = _grow_vessel_tree(geom, anatomy_rng)
+    lesions = _plan_lesions(dr_grade, dme_grade, geom, vessels, np.random.default_rng(lesion_seed))
+    image = _draw(
+        geom,
+        vessels,
+        lesions,
+        np.random.default_rng(appearance_seed),
+        np.random.default_rng(noise_seed),
+    )
+    return image, geom, vessels, lesions
+
+
+def render_fundus(
+    dr_grade: int, dme_grade: int, image_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """One RGB uint8 image (image_size, image_size, 3).
+
+    Args:
+        dr_grade: Diabetic retinopathy grade 0-4 (ICDR).
+        dme_grade: Risk of macular edema 0-2 (IDRiD); > 0 needs ``dr_grade >= 2``.
+        image_size: Side of the square image in pixels (>= 64).
+        rng: Source of all randomness; the same generator state gives the same pixels.
+    """
+    return _render_scene(dr_grade, dme_grade, image_size, rng)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset on disk
+# --------------------------------------------------------------------------------------------
+
+
+def _image_names(n: int) -> list[str]:
+    """IDRiD_001 ... with three digits as in IDRiD, wider only when n needs it."""
+    width = max(3, len(str(n)))
+    return [f"IDRiD_{i:0{width}d}" for i in range(1, n + 1)]
+
+
+def _expected_files(root: Path, num_train: int, num_test: int) -> list[Path]:
+    grading = root / _GRADING_DIR
+    files = [grading / _GROUNDTRUTH_DIR / name for name in _SPLIT_CSV_NAMES]
+    for split_dir, n in zip(_SPLIT_IMAGE_DIRS, (num_train, num_test), strict=True):
+        files += [grading / _IMAGES_DIR / split_dir / f"{name}.jpg" for name in _image_names(n)]
+    return files
+
+
+def _is_complete(root: Path, params: dict[str, int]) -> bool:
+    """The manifest matches ``params`` and every file it promises is present."""
+    try:
+        manifest = json.loads((root / SYNTHETIC_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("params") != params:
+        return False
+    return all(p.is_file() for p in _expected_files(root, params["num_train"], params["num_test"]))
+
+
+def _write_jpeg(path: Path, image: np.ndarray) -> None:
+    ok = cv2.imwrite(
+        str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY]
+    )
+    if not ok:
+        raise OSError(f"could not write {path}")
+
+
+def _render_job(job: tuple[str, int, int, int, int, int, int]) -> None:
+    """Render and save one image; the seed depends only on (seed, split, index)."""
+    path, split_index, image_index, dr, dme, image_size, seed = job
+    rng = np.random.default_rng([seed, split_index, image_index])
+    _write_jpeg(Path(path), render_fundus(dr, dme, image_size, rng))
+
+
+def _usable_cpus() -> int:
+    """os.cpu_count(), narrowed by the affinity mask (taskset, cpusets) where there is one."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def _render_all(jobs: list[tuple[str, int, int, int, int, int, int]], num_workers: int) -> None:
+    workers = min(num_workers, len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            _render_job(job)
+        return
+    # spawn, never fork: a parent that already ran OpenCV/OpenMP thread pools (any test or
+    # training process) forks children that deadlock on the copied pool locks. The package
+    # __init__ files import nothing heavy, so a spawned worker starts in well under a second.
+    context = multiprocessing.get_context("spawn")
+    chunksize = max(1, len(jobs) // (workers * 8))
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+            for _ in pool.map(_render_job, jobs, chunksize=chunksize):
+                pass
+    except BrokenProcessPool:
+        # E.g. called from a script without an `if __name__ == "__main__":` guard (spawned
+        # workers re-run it and die) or a worker killed for memory. Output is deterministic,
+        # so rendering everything again in-process gives the same files, only slower.
+        log.warning("Rendering workers died; rendering %d images in-process instead", len(jobs))
+        for job in jobs:
+            _render_job(job)
+
+
+def _build(tmp: Path, params: dict[str, int], num_workers: int) -> None:
+    """Write the whole dataset into ``tmp``, the manifest last."""
+    grading = tmp / _GRADING_DIR
+    (grading / _GROUNDTRUTH_DIR).mkdir(parents=True)
+    jobs = []
+    counts: dict[str, dict[str, list[int]]] = {}
+    splits = (("train", params["num_train"], 0), ("test", params["num_test"], 1))
+    for (split, n, offset), image_dir, csv_name in zip(
+        splits, _SPLIT_IMAGE_DIRS, _SPLIT_CSV_NAMES, strict=True
+    ):
+        folder = grading / _IMAGES_DIR / image_dir
+        folder.mkdir(parents=True)
+        grades = sample_grades(n, params["seed"] + offset)
+        names = _image_names(n)
+        rows = [_CSV_HEADER] + [
+            f"{nm},{dr},{dme}" for nm, (dr, dme) in zip(names, grades, strict=True)
+        ]
+        (grading / _GROUNDTRUTH_DIR / csv_name).write_text("\n".join(rows) + "\n")
+        counts[split] = {
+            "dr": [sum(g[0] == k for g in grades) for k in range(5)],
+            "dme": [sum(g[1] == k for g in grades) for k in range(3)],
+        }
+        for i, (nm, (dr, dme)) in enumerate(zip(names, grades, strict=True)):
+            path = str(folder / f"{nm}.jpg")
+            jobs.append((path, offset, i, dr, dme, params["image_size"], params["seed"]))
+    _render_all(jobs, num_workers)
+    manifest = {
+        "generator": "visioncare.data.synthetic",
+        "params": params,
+        "class_counts": counts,
+        "layout": "IDRiD B. Disease Grading",
+    }
+    (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _install(tmp: Path, root: Path) -> None:
+    """Move the finished build into ``root`` so that no interruption leaves a fake-complete set.
+
+    A fresh or empty ``root`` is replaced by one rename. Otherwise the old grading folder is
+    swapped out first and the new manifest moved in last: until then the old manifest's
+    parameters no longer match, so an interrupted swap is simply rebuilt next time.
+    """
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, root)
+        return
+    trash = root.parent / f".{root.name}.old-{os.getpid()}"
+    shutil.rmtree(trash, ignore_errors=True)
+    trash.mkdir()
+    if (root / _GRADING_DIR).exists():
+        os.replace(root / _GRADING_DIR, trash / _GRADING_DIR)
+    os.replace(tmp / _GRADING_DIR, root / _GRADING_DIR)
+    os.replace(tmp / SYNTHETIC_MANIFEST, root / SYNTHETIC_MANIFEST)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale_temp_dirs(root: Path) -> None:
+    """Delete temp builds of ``root`` left behind by processes that no longer exist."""
+    if not root.parent.is_dir():
+        return
+    for pattern in (f".{root.name}.tmp-*", f".{root.name}.old-*"):
+        for path in root.parent.glob(pattern):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass  # alive but owned by someone else
+
+
+def generate_synthetic_idrid(
+    root: str | Path,
+    num_train: int = 413,
+    num_test: int = 103,
+    image_size: int = 512,
+    seed: int = 0,
+    num_workers: int | None = None,
+) -> Path:
+    """Write (or reuse) the dataset under root in IDRiD layout; return root as a Path.
+
+    Reuses a complete dataset with the same parameters without rendering anything; rebuilds
+    one made with other parameters (deleting only this generator's files); refuses to touch
+    a non-empty folder that this generator did not write.
+
+    Args:
+        root: Dataset folder (what the IDRiD loader is pointed at).
+        num_train: Training images (IDRiD has 413).
+        num_test: Test images (IDRiD has 103); numbering restarts at 001 as in IDRiD.
+        image_size: Side of the square images in pixels.
+        seed: Seed for grades and pixels. Image ``i`` (0-based) of split ``s`` (0 train,
+            1 test) is drawn from ``default_rng([seed, s, i])``, so the output does not depend
+            on ``num_workers``.
+        num_workers: Rendering processes; None = the CPUs this process may use
+            (``os.cpu_count()`` unless an affinity mask says fewer), 0 or 1 = in-process.
+
+    Raises:
+        ValueError: On bad arguments or when ``root`` holds something else.
+    """
+    root = Path(root).expanduser().absolute()
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "num_train": int(num_train),
+        "num_test": int(num_test),
+        "image_size": int(image_size),
+        "seed": int(seed),
+    }
+    if root.exists():
+        if not root.is_dir():
+            raise ValueError(f"data.root {root} is a file, not a folder; choose another data.root")
+        if (root / SYNTHETIC_MANIFEST).is_file():
+            if _is_complete(root, params):
+                log.info("Reusing synthetic IDRiD dataset at %s", root)
+                return root
+        elif any(root.iterdir()):
+            raise ValueError(
+                f"{root} is not empty and holds something that is not a VisionCare synthetic "
+                f"dataset (no {SYNTHETIC_MANIFEST}); refusing to overwrite it. Choose another "
+                "data.root for the synthetic data, or point the real IDRiD loader at this folder."
+            )
+    workers = _usable_cpus() if num_workers is None else int(num_workers)
+    _remove_stale_temp_dirs(root)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    n = num_train + num_test
+    log.info("Rendering %d synthetic fundus images (%d px) into %s", n, image_size, root)
+    try:
+        _build(tmp, params, workers)
+        if _is_complete(root, params):  # another process finished the same build first
+            return root
+        try:
+            _install(tmp, root)
+        except OSError:
+            if not _is_complete(root, params):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("Synthetic dataset ready in %.1f s", time.perf_counter() - start)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: ``python -m visioncare.data.synthetic ROOT`` builds the dataset and reports time."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("root")
+    parser.add_argument("--num-train", type=int, default=413)
+    parser.add_argument("--num-test", type=int, default=103)
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    root = generate_synthetic_idrid(
+        args.root, args.num_train, args.num_test, args.image_size, args.seed, args.num_workers
+    )
+    print(f"{root} ready in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
