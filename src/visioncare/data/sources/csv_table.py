@@ -1,0 +1,236 @@
+"""Any labelled table of fundus images: one CSV row per image, column names set in the config.
+
+Layout: images under `data.root` (a cell may hold a name, a relative path below root, or an
+absolute path) and one CSV (`data.table`, absolute or relative to root) with
+
+- an image column (`image_column`); names without an image extension get `image_suffix`, or are
+  looked up with the usual extensions (any case);
+- a DR column and/or a DME column (`dr_column`, `dme_column`; either may be null = that task is
+  not graded). Cells hold integer grades, or free text translated by `dr_map`/`dme_map`
+  (e.g. ``{none: 0, mild: 1}``, matched after stripping, case-insensitively; a map value of -1
+  marks text that means "not graded"). An empty cell is "not graded" (-1); a row with neither
+  grade is an error;
+- optionally a split column (`split_column`) with ``train``/``val``/``test`` (also ``training``,
+  ``valid``, ``validation``, ``testing``; any case). Without it a seeded stratified
+  `test_fraction` is held out as ``test``.
+
+Every bad cell is reported at once, with the file and line. Keys are ``<name>/<image cell>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from visioncare.data.records import Record
+from visioncare.data.sources.base import DatasetSource
+from visioncare.data.sources.tables import (
+    check_test_fraction,
+    hold_out_test,
+    is_blank,
+    parse_grade,
+    read_label_table,
+    resolve_image,
+)
+from visioncare.errors import ConfigurationError, DataValidationError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+MAX_GRADE = {"dr": 4, "dme": 2}
+
+Listing = tuple[dict[str, Path], dict[str, Path]]
+
+
+def normalize_map(mapping: Mapping[Any, Any] | None, task: str) -> dict[str, int] | None:
+    """Lower-cased, stripped cell text -> grade; a bad map fails before any row is read."""
+    if mapping is None:
+        return None
+    normalized: dict[str, int] = {}
+    for text, grade in mapping.items():
+        if isinstance(grade, bool) or not isinstance(grade, int):
+            raise ConfigurationError(
+                f"data.{task}_map[{text!r}] must be an integer grade, got {grade!r}"
+            )
+        if not -1 <= grade <= MAX_GRADE[task]:
+            raise ConfigurationError(
+                f"data.{task}_map[{text!r}] = {grade} is outside 0..{MAX_GRADE[task]} "
+                "(or -1 = not graded)"
+            )
+        normalized[str(text).strip().lower()] = grade
+    return normalized
+
+
+class CSVTableSource(DatasetSource):
+    """A dataset described by one CSV: column names, label vocabularies and splits configurable.
+
+    Args:
+        root: the folder holding the images (`data.root`).
+        table: the CSV file, absolute or relative to root.
+        image_column: column with the image name or path.
+        dr_column: column with the DR grade; None when the table has no DR labels.
+        dme_column: column with the DME grade; None when the table has no DME labels.
+        dr_map: cell text -> DR grade (0-4, or -1 = not graded); None = cells are integers.
+        dme_map: cell text -> DME grade (0-2, or -1 = not graded); None = cells are integers.
+        split_column: column with train/val/test per row; None = hold out `test_fraction`.
+        image_suffix: appended to names without an image extension (e.g. ``.png``).
+        name: dataset name used in record keys and per-source metrics.
+        test_fraction: share held out as the test split when there is no split column.
+        split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
+            validation seed `data.split_seed`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        table: str,
+        image_column: str = "image",
+        dr_column: str | None = "dr",
+        dme_column: str | None = "dme",
+        dr_map: Mapping[Any, Any] | None = None,
+        dme_map: Mapping[Any, Any] | None = None,
+        split_column: str | None = None,
+        image_suffix: str = "",
+        name: str = "csv",
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(root)
+        if not name or "/" in name:
+            raise ConfigurationError(f"data.name must be non-empty and without '/', got {name!r}")
+        if dr_column is None and dme_column is None:
+            raise ConfigurationError(
+                "data.dr_column and data.dme_column are both null: the table must grade something"
+            )
+        for task, column, mapping in (("dr", dr_column, dr_map), ("dme", dme_column, dme_map)):
+            if mapping is not None and column is None:
+                raise ConfigurationError(f"data.{task}_map is set but data.{task}_column is null")
+        self.name = name
+        self.table = table
+        self.columns = {
+            key: column
+            for key, column in (
+                ("image", image_column),
+                ("dr", dr_column),
+                ("dme", dme_column),
+                ("split", split_column),
+            )
+            if column is not None
+        }
+        if len(set(self.columns.values())) < len(self.columns):
+            raise ConfigurationError(f"data.*_column name the same column twice: {self.columns}")
+        self.maps = {"dr": normalize_map(dr_map, "dr"), "dme": normalize_map(dme_map, "dme")}
+        suffix = image_suffix.strip()
+        self.image_suffix = f".{suffix}" if suffix and not suffix.startswith(".") else suffix
+        self.test_fraction = test_fraction if split_column else check_test_fraction(test_fraction)
+        self.split_seed = split_seed
+
+    @property
+    def table_path(self) -> Path:
+        path = Path(self.table).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def load(self) -> dict[str, list[Record]]:
+        self.require_root()
+        path = self.table_path
+        if not path.is_file():
+            raise DataValidationError(
+                f"data.table={self.table!r}: {path} not found "
+                "(a relative path is read from data.root)"
+            )
+        try:
+            frame = read_label_table(path, self.columns)
+        except DataValidationError as exc:
+            if "missing column" not in str(exc):
+                raise
+            raise DataValidationError(
+                f"{exc}. Set data.image_column, data.dr_column, data.dme_column"
+                + (", data.split_column" if "split" in self.columns else "")
+                + " to the table's header names (null for a task it does not grade)."
+            ) from None
+        problems: list[str] = []
+        listings: dict[Path, Listing] = {}
+        splits: dict[str, list[Record]] = {"train": [], "test": []}
+        pool: list[Record] = []
+        for row in frame.itertuples(index=False):
+            where = f"{path}, row {row.row}"
+            before = len(problems)
+            cells = row._asdict()
+            if is_blank(row.image):
+                problems.append(f"{where}: empty {self.columns['image']!r} cell")
+                continue
+            dr = self._grade(cells.get("dr"), "dr", where, problems)
+            dme = self._grade(cells.get("dme"), "dme", where, problems)
+            if dr == -1 and dme == -1 and len(problems) == before:
+                problems.append(f"{where}: neither a DR nor a DME grade")
+            split = self._split(cells["split"], where, problems) if "split" in cells else None
+            if len(problems) > before:
+                continue
+            image = self._resolve(row.image, listings)
+            record = Record(image, dr, dme, self.name, f"{self.name}/{row.image}")
+            if split is None:
+                pool.append(record)
+            else:
+                splits.setdefault(split, []).append(record)
+        if "split" in self.columns and not splits["test"] and not problems:
+            problems.append(
+                f"{path}: no row has {self.columns['split']!r} = test; every dataset needs a "
+                "test split (or set data.split_column=null to hold one out)"
+            )
+        if problems:
+            raise DataValidationError.from_problems(f"labels in {path} are invalid", problems)
+        if "split" not in self.columns:
+            return hold_out_test(pool, self.test_fraction, self.split_seed)
+        return splits
+
+    def _grade(self, value: object, task: str, where: str, problems: list[str]) -> int:
+        """A grade from a cell (integer, or text through the task's map); -1 = not graded."""
+        if task not in self.columns or is_blank(value):
+            return -1
+        column = self.columns[task]
+        mapping = self.maps[task]
+        where = f"{where}, column {column!r}"
+        if mapping is None:
+            return parse_grade(value, MAX_GRADE[task], where, problems)
+        text = str(value).strip()
+        if text.lower() not in mapping:
+            problems.append(
+                f"{where}: value {text!r} is not in data.{task}_map (known: {sorted(mapping)})"
+            )
+            return -1
+        return mapping[text.lower()]
+
+    def _split(self, value: object, where: str, problems: list[str]) -> str | None:
+        text = "" if is_blank(value) else str(value).strip()
+        split = SPLIT_NAMES.get(text.lower())
+        if split is None:
+            problems.append(
+                f"{where}, column {self.columns['split']!r}: split {text!r} is not "
+                "train, val or test"
+            )
+        return split
+
+    def _resolve(self, name: str, listings: dict[Path, Listing]) -> Path:
+        """The image file for a cell; case-insensitive, extensions tried when the name has none."""
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else self.root / path
+        if self.image_suffix and path.suffix.lower() not in IMAGE_EXTENSIONS:
+            path = path.with_name(path.name + self.image_suffix)
+        folder = path.parent
+        if folder not in listings:
+            files = {p.name: p for p in folder.iterdir()} if folder.is_dir() else {}
+            listings[folder] = files, {n.lower(): p for n, p in files.items()}
+        files, lowered = listings[folder]
+        if path.name in files:
+            return files[path.name]
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            return lowered.get(path.name.lower(), path)
+        return resolve_image(folder, path.name, files)

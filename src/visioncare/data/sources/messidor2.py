@@ -1,0 +1,124 @@
+"""Messidor-2 with the adjudicated grades (Krause et al. 2018): DR 0-4, referable DME 0/1.
+
+Layout under `data.root`:
+
+- ``messidor_data.csv`` with columns ``image_id, adjudicated_dr_grade, adjudicated_dme,
+  adjudicated_gradable``; ``image_id`` carries the file extension;
+- ``IMAGES/`` (`image_dir`) with the 1,748 images, names mixing ``.png`` and upper-case
+  ``.JPG`` (matched case-insensitively; a file converted to another extension is found by
+  its stem).
+
+Rows with ``adjudicated_gradable == 0`` or an empty DR grade carry no grade and are skipped (their
+count is logged; `skipped` lists them). ``adjudicated_dme`` is *referable* DME (binary), not the
+three-grade scale the DME head predicts, so records get ``dme = -1``; the binary label is kept in
+`referable_dme` for screening-style evaluation. Messidor-2 has no official split: a seeded
+stratified `test_fraction` is held out as ``test``. Keys are ``messidor2/<image_id>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from visioncare.data.records import Record
+from visioncare.data.sources.base import DatasetSource
+from visioncare.data.sources.tables import (
+    check_test_fraction,
+    hold_out_test,
+    is_blank,
+    parse_grade,
+    read_label_table,
+    resolve_image,
+)
+from visioncare.errors import DataValidationError
+
+log = logging.getLogger(__name__)
+
+LABELS = "messidor_data.csv"
+COLUMNS = {
+    "image": "image_id",
+    "dr": "adjudicated_dr_grade",
+    "dme": "adjudicated_dme",
+    "gradable": "adjudicated_gradable",
+}
+
+
+class Messidor2Source(DatasetSource):
+    """Messidor-2: gradable images only, DR graded, referable DME kept aside.
+
+    Args:
+        root: the folder holding ``messidor_data.csv`` (`data.root`).
+        image_dir: folder of the images, relative to root.
+        test_fraction: share of the gradable images held out as the test split.
+        split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
+            validation seed `data.split_seed`).
+
+    Attributes:
+        referable_dme: after `load()`, record key -> adjudicated referable DME (0/1) for every
+            loaded record whose cell is not empty. Not in `Record.dme`: that field is the 0-2
+            grade, and a binary label there would be read as grades 0/1.
+        skipped: after `load()`, the ``image_id`` of every ungradable row left out.
+    """
+
+    name = "messidor2"
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_dir: str = "IMAGES",
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(root)
+        self.image_dir = image_dir
+        self.test_fraction = check_test_fraction(test_fraction)
+        self.split_seed = split_seed
+        self.referable_dme: dict[str, int] = {}
+        self.skipped: list[str] = []
+
+    def load(self) -> dict[str, list[Record]]:
+        self.require_root()
+        labels = self.root / LABELS
+        if not labels.is_file():
+            raise DataValidationError(
+                f"no Messidor-2 labels under data.root={str(self.root)!r}: expected '{LABELS}' "
+                f"(the adjudicated grades) next to '{self.image_dir}/' (data.image_dir)"
+            )
+        table = read_label_table(labels, COLUMNS)
+        folder = self.root / self.image_dir
+        listing = {p.name: p for p in folder.iterdir()} if folder.is_dir() else {}
+        lowered = {name.lower(): path for name, path in listing.items()}
+        problems: list[str] = []
+        records: list[Record] = []
+        referable: dict[str, int] = {}
+        skipped: list[str] = []
+        for row in table.itertuples(index=False):
+            where = f"{labels}, row {row.row}"
+            if is_blank(row.image):
+                problems.append(f"{where}: empty image_id")
+                continue
+            gradable = parse_grade(row.gradable, 1, where, problems)
+            if gradable == 0 or is_blank(row.dr):
+                skipped.append(row.image)
+                continue
+            dr = parse_grade(row.dr, 4, where, problems)
+            dme = parse_grade(row.dme, 1, where, problems)
+            image = lowered.get(row.image.lower()) or resolve_image(
+                folder, Path(row.image).stem, listing
+            )
+            if not image.is_file():
+                image = folder / row.image  # report the name the table gives
+            key = f"{self.name}/{row.image}"
+            records.append(Record(image, dr, -1, self.name, key))
+            if dme != -1:
+                referable[key] = dme
+        if problems:
+            raise DataValidationError.from_problems("Messidor-2 labels are invalid", problems)
+        if skipped:
+            log.info(
+                "Messidor-2: skipped %d ungradable row(s) without a DR grade (of %d)",
+                len(skipped),
+                len(table),
+            )
+        self.referable_dme, self.skipped = referable, skipped
+        return hold_out_test(records, self.test_fraction, self.split_seed)

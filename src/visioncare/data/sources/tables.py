@@ -1,0 +1,112 @@
+"""Helpers shared by the dataset sources: lenient label tables, grades, image lookup, hold-outs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from visioncare.data.records import Record, stratified_split
+from visioncare.errors import ConfigurationError, DataValidationError
+
+IMAGE_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".tif", ".tiff")
+
+
+def read_label_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    """Read a label CSV leniently (BOM, CRLF, stray spaces, empty trailing columns).
+
+    Returns a frame with columns ``image``, ``dr``, ``dme`` (strings), plus ``row`` = the line
+    number in the file (header = line 1) for error messages.
+    """
+    if not path.is_file():
+        raise DataValidationError(f"label file not found: {path}")
+    try:
+        # Only truly empty cells are missing: "None"/"NA" may be label values in a user's table.
+        table = pd.read_csv(
+            path,
+            dtype=str,
+            encoding="utf-8-sig",
+            skipinitialspace=True,
+            keep_default_na=False,
+            na_values=[""],
+        )
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(
+            f"{path}: the file is empty; expected a header and rows"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataValidationError(f"{path}: not a readable CSV ({exc})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    table = table.loc[:, [c for c in table.columns if c and not c.startswith("Unnamed:")]]
+    wanted = {key: name.strip() for key, name in columns.items()}
+    missing = [name for name in wanted.values() if name not in table.columns]
+    if missing:
+        raise DataValidationError(
+            f"{path}: missing column(s) {missing}; expected {list(wanted.values())}, "
+            f"found {list(table.columns)}"
+        )
+    table = table[list(wanted.values())].rename(columns={v: k for k, v in wanted.items()})
+    table["row"] = range(2, len(table) + 2)
+    table = table.dropna(how="all", subset=list(wanted))  # blank lines at the end
+    for key in wanted:
+        table[key] = table[key].str.strip()
+    if table.empty:
+        raise DataValidationError(f"{path}: the table has a header but no rows")
+    return table
+
+
+def parse_grade(value: object, max_grade: int, where: str, problems: list[str]) -> int:
+    """An integer grade in 0..max_grade, or -1 for an empty cell; records a problem otherwise."""
+    if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
+        return -1
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        problems.append(f"{where}: grade {text!r} is not an integer")
+        return -1
+    if not number.is_integer() or not 0 <= number <= max_grade:
+        problems.append(f"{where}: grade {text!r} is outside 0..{max_grade}")
+        return -1
+    return int(number)
+
+
+def resolve_image(folder: Path, name: str, listing: dict[str, Path]) -> Path:
+    """The image file for a name given with or without extension (any case); may not exist."""
+    direct = folder / name
+    if Path(name).suffix and direct.name in listing:
+        return listing[direct.name]
+    for suffix in IMAGE_SUFFIXES:
+        if f"{name}{suffix}" in listing:
+            return listing[f"{name}{suffix}"]
+    lowered = {n.lower(): p for n, p in listing.items()}
+    for suffix in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
+        if f"{name}{suffix}".lower() in lowered:
+            return lowered[f"{name}{suffix}".lower()]
+    return direct if Path(name).suffix else folder / f"{name}.jpg"
+
+
+def is_blank(value: object) -> bool:
+    """An empty cell as `read_label_table` returns it (NaN, None or whitespace)."""
+    return value is None or (isinstance(value, float) and pd.isna(value)) or not str(value).strip()
+
+
+def check_test_fraction(test_fraction: float) -> float:
+    """Fail at construction (not after reading 35k rows) on a share that leaves no test split."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigurationError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+    return float(test_fraction)
+
+
+def hold_out_test(
+    records: Sequence[Record], test_fraction: float, split_seed: int
+) -> dict[str, list[Record]]:
+    """``train``/``test`` from one labelled pool, stratified on the joint label and seeded.
+
+    The same seed gives the same test images whatever the row order of the table, so test
+    metrics stay comparable across runs; the validation split (`data.split_seed`) is drawn
+    afterwards from what is left and never overlaps the test images.
+    """
+    train, test = stratified_split(records, test_fraction, split_seed)
+    return {"train": train, "test": test}

@@ -1,0 +1,427 @@
+"""APTOS, EyePACS, Messidor-2 and CSV-table sources on replica trees in each dataset's layout."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+
+from visioncare.data.records import Record
+from visioncare.data.sources.aptos import APTOSSource
+from visioncare.data.sources.base import DatasetSource
+from visioncare.data.sources.csv_table import CSVTableSource
+from visioncare.data.sources.eyepacs import EyePACSSource
+from visioncare.data.sources.messidor2 import Messidor2Source
+from visioncare.errors import ConfigurationError, DataValidationError
+
+# Two images per DR grade: the smallest set a stratified hold-out splits without emptying a class.
+GRADES = [g for g in range(5) for _ in range(2)]
+
+
+def write_image(path: Path) -> None:
+    """A tiny 40x60 'fundus': a bright disc on black, enough for the crop and the cache."""
+    image = np.zeros((40, 60, 3), np.uint8)
+    cv2.circle(image, (30, 20), 18, (40, 80, 200), -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def make_aptos(root: Path, grades: list[int] = GRADES, *, reverse: bool = False) -> Path:
+    """``train.csv`` (id_code,diagnosis) + ``train_images/<id_code>.png``; ids are 12 hex digits."""
+    rows = [(f"{0x1A2B3C000000 + i:012x}", grade) for i, grade in enumerate(grades)]
+    for id_code, _ in rows:
+        write_image(root / "train_images" / f"{id_code}.png")
+    lines = [f"{id_code},{grade}" for id_code, grade in rows]
+    write_csv(root / "train.csv", "id_code,diagnosis", lines[::-1] if reverse else lines)
+    write_csv(root / "test.csv", "id_code", ["ffffffffffff"])  # unlabelled: ignored
+    return root
+
+
+def eye_names(first: int, count: int) -> list[str]:
+    """Kaggle's names: one row per eye, ``<patient>_left`` then ``<patient>_right``."""
+    return [f"{first + i // 2}_{('left', 'right')[i % 2]}" for i in range(count)]
+
+
+def make_eyepacs(
+    root: Path,
+    grades: list[int] = GRADES,
+    test_grades: list[int] | None = None,
+    *,
+    image_dir: str | None = "train",
+    test_dir: bool = True,
+) -> Path:
+    """``trainLabels.csv`` (image,level), ``train/<n>_left.jpeg``; optionally the test split."""
+    folder = root / image_dir if image_dir else root
+    names = eye_names(10, len(grades))
+    for name in names:
+        write_image(folder / f"{name}.jpeg")
+    rows = [f"{n},{g}" for n, g in zip(names, grades, strict=True)]
+    write_csv(root / "trainLabels.csv", "image,level", rows)
+    if test_grades is not None:
+        test_names = eye_names(1, len(test_grades))
+        test_rows = [
+            f"{n},{g},{('Public', 'Private')[i % 2]}"
+            for i, (n, g) in enumerate(zip(test_names, test_grades, strict=True))
+        ]
+        write_csv(root / "testLabels.csv", "image,level,Usage", test_rows)
+        if test_dir:
+            for name in test_names:
+                write_image(root / "test" / f"{name}.jpeg")
+    return root
+
+
+def messidor_name(i: int) -> str:
+    """Messidor-2 mixes Messidor-1 style ``.png`` names and ``IMxxxxxx.JPG`` names."""
+    return f"20051020_{43800 + i}_0100_PP.png" if i % 2 == 0 else f"IM{2380 + i:06d}.JPG"
+
+
+def make_messidor2(
+    root: Path, grades: list[int] = GRADES, extra_rows: tuple[str, ...] = ()
+) -> Path:
+    """``messidor_data.csv`` + ``IMAGES/``; referable DME = 1 for DR >= 3 (as a stand-in)."""
+    rows = []
+    for i, grade in enumerate(grades):
+        name = messidor_name(i)
+        write_image(root / "IMAGES" / name)
+        rows.append(f"{name}, {grade}, {int(grade >= 3)}, 1")
+    header = "image_id, adjudicated_dr_grade, adjudicated_dme, adjudicated_gradable"
+    write_csv(root / "messidor_data.csv", header, [*rows, *extra_rows])
+    return root
+
+
+def make_table(root: Path, grades: list[int] = GRADES) -> Path:
+    """A generic table: ``labels.csv`` (image,dr,dme) + ``img_<i>.png`` under root.
+
+    Two images per joint (DR, DME) label: `stratified_split` never gives away a class's last
+    image, so singleton joint classes would shrink the held-out splits.
+    """
+    rows = []
+    for i, grade in enumerate(grades):
+        write_image(root / f"img_{i}.png")
+        rows.append(f"img_{i}.png,{grade},{max(0, grade - 2)}")  # DME > 0 only with DR >= 2
+    write_csv(root / "labels.csv", "image,dr,dme", rows)
+    return root
+
+
+BUILDERS: dict[str, tuple[Callable[[Path], Path], Callable[..., DatasetSource]]] = {
+    "aptos": (make_aptos, APTOSSource),
+    "eyepacs": (make_eyepacs, EyePACSSource),
+    "messidor2": (make_messidor2, Messidor2Source),
+    "csv": (make_table, partial(CSVTableSource, table="labels.csv")),
+}
+
+
+def keys(records: list[Record]) -> list[str]:
+    return [r.key for r in records]
+
+
+# ---------------------------------------------------------------------------------- APTOS
+def test_aptos_records_labels_and_keys(tmp_path):
+    root = make_aptos(tmp_path)
+    splits = APTOSSource(root).load()
+    assert set(splits) == {"train", "test"}
+    assert (len(splits["train"]), len(splits["test"])) == (8, 2)
+    records = splits["train"] + splits["test"]
+    assert sorted(r.dr for r in records) == GRADES
+    assert all(r.dme == -1 and r.source == "aptos" and r.image.is_file() for r in records)
+    first = next(r for r in records if r.key == "aptos/1a2b3c000000")
+    assert first.image == root / "train_images" / "1a2b3c000000.png" and first.dr == 0
+
+
+def test_aptos_bad_and_empty_diagnosis_all_reported(tmp_path):
+    root = make_aptos(tmp_path)
+    write_csv(root / "train.csv", "id_code,diagnosis", ["a1,5", "a2,", "a3,mild", "a4,2"])
+    with pytest.raises(DataValidationError) as error:
+        APTOSSource(root).load()
+    message = str(error.value)
+    assert "3 problem(s)" in message
+    assert "train.csv, row 2: grade '5' is outside 0..4" in message
+    assert "train.csv, row 3: empty diagnosis" in message
+    assert "train.csv, row 4: grade 'mild' is not an integer" in message
+
+
+# -------------------------------------------------------------------------- hold-out split
+@pytest.mark.parametrize("dataset", sorted(BUILDERS))
+def test_held_out_test_split_is_deterministic_and_disjoint(tmp_path, dataset):
+    build, source = BUILDERS[dataset]
+    root = build(tmp_path)
+    first, again = source(root).load(), source(root).load()
+    assert keys(first["test"]) == keys(again["test"])
+    assert not set(keys(first["train"])) & set(keys(first["test"]))
+    assert len(first["train"]) + len(first["test"]) == len(GRADES)
+    assert len(first["test"]) == round(0.2 * len(GRADES))
+    # Stratified: no DR grade appears twice in a 2-image test set drawn from 5 balanced classes.
+    assert len({r.dr for r in first["test"]}) == len(first["test"])
+    other_seeds = [keys(source(root, split_seed=s).load()["test"]) for s in range(1, 6)]
+    assert any(k != keys(first["test"]) for k in other_seeds)
+    bigger = source(root, test_fraction=0.5).load()
+    assert len(bigger["test"]) == 5
+
+
+def test_held_out_split_ignores_row_order(tmp_path):
+    forward = APTOSSource(make_aptos(tmp_path / "a")).load()
+    backward = APTOSSource(make_aptos(tmp_path / "b", reverse=True)).load()
+    assert keys(forward["test"]) == keys(backward["test"])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_test_fraction_out_of_range_is_a_config_error(tmp_path, fraction):
+    with pytest.raises(ConfigurationError, match=r"data\.test_fraction"):
+        APTOSSource(tmp_path, test_fraction=fraction)
+
+
+# -------------------------------------------------------------------------------- EyePACS
+def test_eyepacs_uses_official_test_labels_when_present(tmp_path):
+    root = make_eyepacs(tmp_path, test_grades=[0, 2, 4])
+    splits = EyePACSSource(root).load()
+    assert len(splits["train"]) == len(GRADES)
+    assert keys(splits["test"]) == [
+        "eyepacs/test/1_left",
+        "eyepacs/test/1_right",
+        "eyepacs/test/2_left",
+    ]
+    assert [r.dr for r in splits["test"]] == [0, 2, 4]
+    assert splits["test"][0].image == root / "test" / "1_left.jpeg"
+    train = {r.key: r for r in splits["train"]}
+    assert train["eyepacs/10_left"].image == root / "train" / "10_left.jpeg"
+    assert all(r.dme == -1 and r.image.is_file() for r in splits["train"] + splits["test"])
+
+
+def test_eyepacs_images_directly_under_root_and_no_test_labels(tmp_path):
+    root = make_eyepacs(tmp_path, image_dir=None)
+    splits = EyePACSSource(root).load()
+    assert (len(splits["train"]), len(splits["test"])) == (8, 2)
+    assert all(r.image.parent == root and r.image.is_file() for r in splits["train"])
+
+
+def test_eyepacs_test_labels_without_test_images_fall_back_to_hold_out(tmp_path, caplog):
+    root = make_eyepacs(tmp_path, test_grades=[0, 1], test_dir=False)
+    with caplog.at_level(logging.WARNING):
+        splits = EyePACSSource(root).load()
+    assert len(splits["test"]) == 2 and all(r.key.count("/") == 1 for r in splits["test"])
+    assert "holding out" in caplog.text
+
+
+def test_eyepacs_custom_image_dir(tmp_path):
+    root = make_eyepacs(tmp_path, image_dir="train_512")
+    records = EyePACSSource(root, image_dir="train_512").load()["train"]
+    assert all(r.image.parent.name == "train_512" and r.image.is_file() for r in records)
+
+
+# ----------------------------------------------------------------------------- Messidor-2
+def test_messidor2_png_and_upper_case_jpg_and_referable_dme(tmp_path):
+    root = make_messidor2(tmp_path)
+    # One copy renamed the file's extension to lower case: the table still says .JPG.
+    (root / "IMAGES" / messidor_name(1)).rename(root / "IMAGES" / "IM002381.jpg")
+    source = Messidor2Source(root)
+    splits = source.load()
+    records = {r.key: r for r in splits["train"] + splits["test"]}
+    assert len(records) == len(GRADES)
+    png, jpg = records[f"messidor2/{messidor_name(0)}"], records["messidor2/IM002381.JPG"]
+    assert png.image.name == messidor_name(0) and png.image.is_file()
+    assert jpg.image.name == "IM002381.jpg" and jpg.image.is_file()
+    assert records[f"messidor2/{messidor_name(3)}"].image.suffix == ".JPG"
+    assert all(r.dme == -1 for r in records.values())
+    assert sorted(r.dr for r in records.values()) == GRADES
+    assert set(source.referable_dme) == set(records)
+    assert all(source.referable_dme[k] == int(r.dr >= 3) for k, r in records.items())
+
+
+def test_messidor2_skips_ungradable_rows_with_a_logged_count(tmp_path, caplog):
+    extra = ("IM009991.JPG, , , 0", "IM009992.JPG, 2, 0, 0", "IM009993.JPG, , , 1")
+    root = make_messidor2(tmp_path, extra_rows=extra)
+    source = Messidor2Source(root)
+    with caplog.at_level(logging.INFO, logger="visioncare.data.sources.messidor2"):
+        splits = source.load()
+    assert len(splits["train"]) + len(splits["test"]) == len(GRADES)
+    assert source.skipped == ["IM009991.JPG", "IM009992.JPG", "IM009993.JPG"]
+    assert "skipped 3 ungradable row(s)" in caplog.text
+    assert not any("IM00999" in k for k in source.referable_dme)
+
+
+def test_messidor2_bad_cells_reported_with_row(tmp_path):
+    extra = ("IM009991.JPG, 7, 0, 1", "IM009992.JPG, 2, 2, 1", "IM009993.JPG, 1, 0, maybe")
+    root = make_messidor2(tmp_path, extra_rows=extra)
+    with pytest.raises(DataValidationError) as error:
+        Messidor2Source(root).load()
+    message = str(error.value)
+    assert "3 problem(s)" in message
+    assert "messidor_data.csv, row 12: grade '7' is outside 0..4" in message
+    assert "row 13: grade '2' is outside 0..1" in message
+    assert "row 14: grade 'maybe' is not an integer" in message
+
+
+# ------------------------------------------------------------------------------ CSV table
+def test_csv_maps_missing_cells_split_column_and_suffix(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        write_image(tmp_path / "photos" / f"{name}.tif")
+    write_csv(
+        tmp_path / "meta" / "grades.csv",
+        "file,severity,edema,fold",
+        [
+            "photos/a,no DR,no,train",
+            "photos/b,  MILD ,,Train",
+            "photos/c,,far,validation",
+            "photos/d,proliferative,near,test",
+        ],
+    )
+    source = CSVTableSource(
+        tmp_path,
+        table="meta/grades.csv",
+        name="clinic",
+        image_column="file",
+        dr_column="severity",
+        dme_column="edema",
+        dr_map={"no dr": 0, "mild": 1, "proliferative": 4},
+        dme_map={"no": 0, "far": 1, "near": 2},
+        split_column="fold",
+        image_suffix="tif",
+    )
+    splits = source.load()
+    assert {s: [(r.key, r.dr, r.dme) for r in rs] for s, rs in splits.items()} == {
+        "train": [("clinic/photos/a", 0, 0), ("clinic/photos/b", 1, -1)],
+        "val": [("clinic/photos/c", -1, 1)],
+        "test": [("clinic/photos/d", 4, 2)],
+    }
+    assert all(r.image.is_file() and r.source == "clinic" for rs in splits.values() for r in rs)
+
+
+def test_csv_map_keys_that_pandas_reads_as_missing(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png")
+    write_csv(tmp_path / "labels.csv", "image,dr,split", ["a.png,None,train", "b.png,NA,test"])
+    splits = CSVTableSource(
+        tmp_path,
+        table="labels.csv",
+        dme_column=None,
+        dr_map={"none": 0, "na": 1},
+        split_column="split",
+    ).load()
+    assert [r.dr for r in splits["train"]] == [0] and [r.dr for r in splits["test"]] == [1]
+
+
+def test_csv_integer_grades_one_task_and_extension_lookup(tmp_path):
+    write_image(tmp_path / "x1.JPG")
+    write_image(tmp_path / "x2.png")
+    write_csv(tmp_path / "t.csv", "name,grade", ["x1,3", "x2.PNG,0", "x3,3", "x4,0"])
+    for name in ("x3.jpeg", "x4.jpg"):
+        write_image(tmp_path / name)
+    source = CSVTableSource(
+        tmp_path,
+        table=str(tmp_path / "t.csv"),
+        image_column="name",
+        dr_column="grade",
+        dme_column=None,
+        test_fraction=0.25,
+    )
+    splits = source.load()
+    records = sorted(splits["train"] + splits["test"], key=lambda r: r.key)
+    assert [r.key for r in records] == ["csv/x1", "csv/x2.PNG", "csv/x3", "csv/x4"]
+    assert [r.image.name for r in records] == ["x1.JPG", "x2.png", "x3.jpeg", "x4.jpg"]
+    assert [(r.dr, r.dme) for r in records] == [(3, -1), (0, -1), (3, -1), (0, -1)]
+    assert len(splits["test"]) == 1
+
+
+def test_csv_problems_reported_with_file_and_row(tmp_path):
+    table = write_csv(
+        tmp_path / "labels.csv",
+        "image,dr,dme",
+        ["a.png,2,1", "b.png,6,0", "c.png,moderate,1", "d.png,,", "e.png,1,3", "f.png,0,0"],
+    )
+    with pytest.raises(DataValidationError) as error:
+        CSVTableSource(tmp_path, table="labels.csv").load()
+    message = str(error.value)
+    assert "4 problem(s)" in message
+    assert f"{table}, row 3, column 'dr': grade '6' is outside 0..4" in message
+    assert f"{table}, row 4, column 'dr': grade 'moderate' is not an integer" in message
+    assert f"{table}, row 5: neither a DR nor a DME grade" in message
+    assert f"{table}, row 6, column 'dme': grade '3' is outside 0..2" in message
+
+
+def test_csv_unknown_map_value_and_bad_split_reported(tmp_path):
+    table = write_csv(
+        tmp_path / "labels.csv",
+        "image,dr,split",
+        ["a.png,none,train", "b.png,severe,train", "c.png,mild,holdout", "d.png,mild,test"],
+    )
+    with pytest.raises(DataValidationError) as error:
+        CSVTableSource(
+            tmp_path,
+            table="labels.csv",
+            dme_column=None,
+            dr_map={"none": 0, "mild": 1},
+            split_column="split",
+        ).load()
+    message = str(error.value)
+    assert "2 problem(s)" in message
+    assert (
+        f"{table}, row 3, column 'dr': value 'severe' is not in data.dr_map "
+        "(known: ['mild', 'none'])" in message
+    )
+    assert f"{table}, row 4, column 'split': split 'holdout' is not train, val or test" in message
+
+
+def test_csv_split_column_without_test_rows(tmp_path):
+    write_csv(tmp_path / "labels.csv", "image,dr,split", ["a.png,0,train", "b.png,1,val"])
+    with pytest.raises(DataValidationError, match="no row has 'split' = test"):
+        CSVTableSource(tmp_path, table="labels.csv", dme_column=None, split_column="split").load()
+
+
+def test_csv_misspelled_columns_expected_and_found(tmp_path):
+    write_csv(tmp_path / "labels.csv", "image,dr_grade,dme", ["a.png,1,0"])
+    with pytest.raises(DataValidationError) as error:
+        CSVTableSource(tmp_path, table="labels.csv").load()
+    message = str(error.value)
+    assert "missing column(s) ['dr']" in message
+    assert "expected ['image', 'dr', 'dme'], found ['image', 'dr_grade', 'dme']" in message
+    assert "data.dr_column" in message
+
+
+def test_csv_configuration_errors(tmp_path):
+    with pytest.raises(ConfigurationError, match="both null"):
+        CSVTableSource(tmp_path, table="t.csv", dr_column=None, dme_column=None)
+    with pytest.raises(ConfigurationError, match=r"data.dme_map\['near'\] = 3 is outside 0..2"):
+        CSVTableSource(tmp_path, table="t.csv", dme_map={"near": 3})
+    with pytest.raises(DataValidationError, match=r"data\.table='t\.csv'"):
+        CSVTableSource(tmp_path, table="t.csv").load()
+
+
+# ---------------------------------------------------------------------------- missing root
+@pytest.mark.parametrize("dataset", sorted(BUILDERS))
+def test_missing_root_names_data_root(tmp_path, dataset):
+    _, source = BUILDERS[dataset]
+    with pytest.raises(DataValidationError, match=r"data\.root=.*does not exist"):
+        source(tmp_path / "nowhere").load()
+
+
+@pytest.mark.parametrize("dataset", ["aptos", "eyepacs", "messidor2"])
+def test_root_without_the_label_file_names_data_root(tmp_path, dataset):
+    _, source = BUILDERS[dataset]
+    with pytest.raises(DataValidationError, match=r"no .* labels under data\.root="):
+        source(tmp_path).load()
+
+
+# ---------------------------------------------------------------------- Hydra + datamodule
+@pytest.mark.parametrize("dataset", sorted(BUILDERS))
+def test_data_config_composes_and_sets_up(tmp_path, make_cfg, dataset):
+    build, _ = BUILDERS[dataset]
+    tree = build(tmp_path / dataset)
+    cfg = make_cfg(f"data={dataset}", f"data.root={tree}")
+    dm = instantiate(cfg.data)
+    dm.set_normalization({"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.sizes() == {"num_train": 6, "num_val": 2, "num_test": 2}
+    assert dm.source.name == dataset and dm.source.root == tree
