@@ -178,10 +178,7 @@ class FundusDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise DataValidationError(f"dataset '{self.source.name}' has no '{split}' split")
         dataset = self.datasets[split]
-        on_gpu = (
-            self.trainer is not None
-            and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-        )
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         pin = self.pin_memory if self.pin_memory is not None else on_gpu
         return DataLoader(
             dataset,

@@ -11,6 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+# Parallelism is across images (cache threads, DataLoader workers), never inside one image:
+# OpenCV's own thread pool would oversubscribe small machines, and a pool started in the parent
+# can deadlock the DataLoader workers forked from it.
+cv2.setNumThreads(1)
+
 REDUCED_FLAGS = (
     (8, cv2.IMREAD_REDUCED_COLOR_8),
     (4, cv2.IMREAD_REDUCED_COLOR_4),

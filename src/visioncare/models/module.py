@@ -86,17 +86,15 @@ class VisionCareModule(L.LightningModule):
         return self.net(images)
 
     # ----------------------------------------------------------------------------- steps
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
-        if self.channels_last:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        return batch
-
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward, loss and metric update shared by train/val/test; returns the losses."""
-        logits = self(batch["image"])
+        images = batch["image"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = self(images)
         targets = {task: batch[task] for task in TASKS}
         total, task_losses = self.loss_fn(logits, targets)
-        batch_size = batch["image"].shape[0]
+        batch_size = images.shape[0]
         log = {f"{split}/loss": total}
         log.update({f"{split}/loss_{task}": value for task, value in task_losses.items()})
         self.log_dict(
