@@ -13,21 +13,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-.PHONY: help install train test test-fast lint format tensorboard clean
+.PHONY: help install train test test-fast bench lint format tensorboard clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv and install the project with its dev tools
 
-train: $(STAMP) ## Train (default: synthetic data, EfficientNetV2-S); Hydra overrides via ARGS="..."
-	$(BIN)/python src/train.py $(ARGS)
+# A CPU-sized preset (conf/experiment/quickstart.yaml); ARGS may override anything, including it.
+TRAIN_PRESET ?= experiment=quickstart
+
+train: $(STAMP) ## Train on the synthetic set (CPU quickstart preset); Hydra overrides via ARGS="..."
+	$(BIN)/python src/train.py $(TRAIN_PRESET) $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests without the slow ones
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP) ## Run the benchmarks in bench/ (report, not tests)
+	$(BIN)/python bench/data_loading.py $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .

@@ -10,7 +10,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from visioncare.training import train  # noqa: E402
-from visioncare.utils.hydra import run_task  # noqa: E402
+from visioncare.utils.hydra import register_resolvers, run_task  # noqa: E402
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")

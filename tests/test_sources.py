@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
+from tests.test_idrid import make_idrid
 from visioncare.data.records import Record
 from visioncare.data.sources.aptos import APTOSSource
 from visioncare.data.sources.base import DatasetSource
@@ -19,6 +21,7 @@ from visioncare.data.sources.csv_table import CSVTableSource
 from visioncare.data.sources.eyepacs import EyePACSSource
 from visioncare.data.sources.messidor2 import Messidor2Source
 from visioncare.errors import ConfigurationError, DataValidationError
+from visioncare.training import train
 
 # Two images per DR grade: the smallest set a stratified hold-out splits without emptying a class.
 GRADES = [g for g in range(5) for _ in range(2)]
@@ -425,3 +428,26 @@ def test_data_config_composes_and_sets_up(tmp_path, make_cfg, dataset):
     dm.setup("fit")
     assert dm.sizes() == {"num_train": 6, "num_val": 2, "num_test": 2}
     assert dm.source.name == dataset and dm.source.root == tree
+
+
+def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
+    """IDRiD (DR + DME) with APTOS (DR only) through a real training run, metrics per source."""
+    rows = [(f"IDRiD_{i:03d}", str(i % 5), str(0 if i % 5 < 2 else i % 3)) for i in range(1, 21)]
+    make_idrid(tmp_path / "idrid", rows, rows[:8])
+    make_aptos(tmp_path / "aptos")
+    cfg = make_cfg(
+        "data=combined",
+        f"data.source.sources.idrid.root={tmp_path / 'idrid'}",
+        f"data.source.sources.aptos.root={tmp_path / 'aptos'}",
+        "trainer.max_epochs=1",
+        "logger=none",
+    )
+    metrics = train(cfg)
+    summary = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
+    assert summary["data"]["num_val"] >= 2
+    for source in ("idrid", "aptos"):
+        assert f"test/{source}/acc_dr" in summary["test"]
+        assert f"val/{source}/acc_dr" in summary["best"]
+    assert summary["test"]["test/aptos/acc_dme"] is None  # APTOS has no DME grades
+    assert summary["test"]["test/idrid/acc_dme"] is not None
+    assert 0.0 <= metrics["val/avg_acc"] <= 1.0

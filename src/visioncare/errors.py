@@ -28,3 +28,7 @@ class DataValidationError(VisionCareError):
 
 class ConfigurationError(VisionCareError):
     """A configuration value is missing, inconsistent or unusable."""
+
+
+class TrainingDivergedError(VisionCareError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

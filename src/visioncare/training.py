@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from visioncare.callbacks import BestAverageAccuracy
-from visioncare.errors import ConfigurationError
+from visioncare.utils.checkpoints import resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.precision import resolve_precision
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
@@ -32,33 +32,6 @@ RANDOM_WEIGHTS_WARNING = """
 #  ~0.6 needs ImageNet weights). Use model.pretrained=true with network access, or        #
 #  model.weights_path=FILE with a local timm checkpoint.                                  #
 ###########################################################################################"""
-
-
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str) -> str | None:
-    """The checkpoint to resume from: a path that must exist, ``last`` or None (fresh run).
-
-    ``last`` means the newest `checkpoints/last.ckpt` of this task's earlier runs.
-    """
-    if ckpt_path in (None, ""):
-        return None
-    if ckpt_path == "last":
-        candidates = sorted(
-            Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not candidates:
-            raise ConfigurationError(
-                f"ckpt_path=last: no checkpoints/last.ckpt under {Path(log_dir, task_name)}; "
-                "give the checkpoint's path instead"
-            )
-        return str(candidates[-1])
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigurationError(
-            f"ckpt_path={ckpt_path!r} does not exist; give an existing checkpoint "
-            "(<run>/checkpoints/last.ckpt) or ckpt_path=null for a fresh run"
-        )
-    return str(path)
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -88,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir, cfg.task_name))
 
     log.info("Building model <%s>", cfg.model.backbone)
     model = instantiate(cfg.model, loss=instantiate(cfg.loss))
@@ -102,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     log.info("Data %s: %s", datamodule.source.name, datamodule.sizes())
+    model.configure_sources(datamodule.source_names)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))

@@ -102,6 +102,7 @@ class FundusDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.pin_memory = pin_memory
         self.splits: dict[str, list[Record]] = {}
+        self.source_names: list[str] = []
         self.cached: dict[Path, Path] = {}
         self.datasets: dict[str, FundusDataset] = {}
 
@@ -139,14 +140,24 @@ class FundusDataModule(L.LightningDataModule):
             log.warning("Skipping %d undecodable image(s):\n%s", len(errors), "\n".join(problems))
             loaded = {s: [r for r in rs if r.image not in errors] for s, rs in loaded.items()}
         self.cached = cached
-        if "val" not in loaded:
-            train, val = stratified_split(loaded["train"], self.val_fraction, self.split_seed)
-            loaded = {
-                "train": train,
-                "val": val,
-                **{k: v for k, v in loaded.items() if k != "train"},
-            }
-        self.splits = loaded
+        self.splits = self._split_validation(loaded)
+        self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
+
+    def _split_validation(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
+        """Carve validation out of training, per source, for the sources that ship none.
+
+        Per source, so a combined run validates (and selects models) on every dataset in its own
+        proportions; stratified on the joint label and seeded by `data.split_seed`.
+        """
+        shipped = {r.source for r in loaded.get("val", [])}
+        train = [r for r in loaded["train"] if r.source in shipped]
+        val = list(loaded.get("val", []))
+        for source in sorted({r.source for r in loaded["train"]} - shipped):
+            records = [r for r in loaded["train"] if r.source == source]
+            kept, held_out = stratified_split(records, self.val_fraction, self.split_seed)
+            train += kept
+            val += held_out
+        return {**loaded, "train": train, "val": val}
 
     def setup(self, stage: str | None = None) -> None:
         self._load_and_cache()
@@ -159,7 +170,10 @@ class FundusDataModule(L.LightningDataModule):
         for split, records in self.splits.items():
             transform = train_tf if split == "train" else eval_tf
             files = [self.cached[r.image] for r in records]
-            self.datasets[split] = FundusDataset(records, files, transform, seed=self.seed)
+            sources = [self.source_names.index(r.source) for r in records]
+            self.datasets[split] = FundusDataset(
+                records, files, transform, seed=self.seed, source_ids=sources
+            )
 
     def sizes(self) -> dict[str, int]:
         """`num_train`, `num_val`, `num_test` for summary.json."""

@@ -34,6 +34,7 @@ class FundusDataset(Dataset):
         cached: cache file per record (same order).
         transform: albumentations pipeline ending in ToTensorV2.
         seed: base seed for per-sample augmentation.
+        source_ids: index of each record's dataset (for per-source metrics); default all 0.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class FundusDataset(Dataset):
         cached: Sequence[Path],
         transform: A.Compose,
         seed: int = 0,
+        source_ids: Sequence[int] | None = None,
     ) -> None:
         if len(records) != len(cached):
             raise ValueError("records and cached files differ in length")
@@ -49,6 +51,7 @@ class FundusDataset(Dataset):
         self.cached = list(cached)
         self.transform = transform
         self.seed = seed
+        self.source_ids = list(source_ids) if source_ids is not None else [0] * len(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -63,6 +66,7 @@ class FundusDataset(Dataset):
             "image": image,
             "dr": torch.tensor(record.dr, dtype=torch.long),
             "dme": torch.tensor(record.dme, dtype=torch.long),
+            "source": self.source_ids[index],
             "index": index,
         }
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from visioncare import TASKS
-from visioncare.errors import ConfigurationError
+from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
@@ -71,12 +71,26 @@ class VisionCareModule(L.LightningModule):
         self.train_metrics = MultiTaskMetrics("train", full=False)
         self.val_metrics = MultiTaskMetrics("val")
         self.test_metrics = MultiTaskMetrics("test")
+        # Per-dataset val/test metrics when several sources train together (`configure_sources`).
+        self.source_names: list[str] = []
+        self.source_metrics = nn.ModuleDict()
         # Filled at each val/test epoch end: split → task → confusion matrix (for plots/reports).
         self.confusion: dict[str, dict[str, Tensor]] = {}
         # The composed run config (plain dict), stored in every checkpoint for eval/predict.
         self.run_config: dict[str, Any] | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    def configure_sources(self, names: list[str]) -> None:
+        """Report val/test metrics per dataset as well (`val/<source>/acc_dr`) if several."""
+        self.source_names = list(names)
+        self.source_metrics = nn.ModuleDict(
+            {
+                f"{split}__{name}": MultiTaskMetrics(f"{split}/{name}")
+                for split in ("val", "test")
+                for name in (self.source_names if len(self.source_names) > 1 else [])
+            }
+        )
 
     def split_metrics(self, split: str) -> MultiTaskMetrics:
         """The metric set of ``train``, ``val`` or ``test``."""
@@ -106,7 +120,16 @@ class VisionCareModule(L.LightningModule):
             prog_bar=False,
         )
         metrics = self.split_metrics(split)
-        metrics.update({t: v.detach() for t, v in logits.items()}, targets)
+        detached = {t: v.detach() for t, v in logits.items()}
+        metrics.update(detached, targets)
+        if split != "train" and self.source_metrics:
+            for index, name in enumerate(self.source_names):
+                mask = batch["source"] == index
+                if bool(mask.any()):
+                    self.source_metrics[f"{split}__{name}"].update(
+                        {t: v[mask] for t, v in detached.items()},
+                        {t: v[mask] for t, v in targets.items()},
+                    )
         if split == "train":
             # Logged as metric objects: Lightning computes and resets them at epoch end, before
             # callbacks read them (val/test are computed in their epoch-end hooks instead).
@@ -123,7 +146,7 @@ class VisionCareModule(L.LightningModule):
         total, task_losses = self.model_step(batch, "train")
         if not torch.isfinite(total):
             bad = [task for task, value in task_losses.items() if not torch.isfinite(value)]
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
                 f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is "
                 "kept. Lower model.optimizer.lr or check the input data."
@@ -152,6 +175,10 @@ class VisionCareModule(L.LightningModule):
         values = metrics.compute()
         self.confusion[split] = metrics.confusion_matrices()
         metrics.reset()
+        for key, per_source in self.source_metrics.items():
+            if key.startswith(f"{split}__") and per_source.joint.update_called:
+                values.update(per_source.compute())
+                per_source.reset()
         prog = {f"{split}/avg_acc", f"{split}/acc_dr", f"{split}/acc_dme"}
         for name, value in values.items():
             # Values are already synchronised by torchmetrics across DDP ranks.

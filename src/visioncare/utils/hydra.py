@@ -8,9 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from visioncare.errors import VisionCareError
+from visioncare.utils.checkpoints import resume_run_dir
 
 log = logging.getLogger("visioncare")
 
@@ -20,6 +21,12 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def register_resolvers() -> None:
+    """Resolvers the configs use; called by the entry points before Hydra composes."""
+    if not OmegaConf.has_resolver("resume_run_dir"):
+        OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir)
 
 
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

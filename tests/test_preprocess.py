@@ -1,0 +1,294 @@
+"""Preprocessing on odd-but-valid and broken image files, JPEG reduced decoding, and the cache.
+
+Real collections are messy: Messidor-2 mixes `.png` and upper-case `.JPG`, some copies hold
+grayscale or 16-bit scans, re-hosted archives carry PNGs renamed to `.jpg`, and downloads get cut
+short. Every valid file must come out as RGB uint8 (H, W, 3); every broken one must raise
+`UnreadableImageError` naming the file, so the datamodule can list the culprits instead of
+crashing inside a DataLoader worker halfway through an epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from visioncare.data.cache import PreprocessedCache
+from visioncare.data.preprocess import (
+    PreprocessConfig,
+    UnreadableImageError,
+    ben_graham,
+    crop_to_fundus,
+    preprocess,
+    read_image,
+)
+
+
+def _write(path: Path, image: np.ndarray, ext: str | None = None) -> Path:
+    """Encode ``image`` (BGR/BGRA/gray, OpenCV order) as ``ext`` and write it under ``path``.
+
+    The format comes from ``ext`` (default: the path's suffix), so a PNG can be written under a
+    `.jpg` name.
+    """
+    ok, buffer = cv2.imencode(ext or path.suffix.lower(), image)
+    assert ok
+    path.write_bytes(buffer.tobytes())
+    return path
+
+
+def _disc(height: int, width: int, radius: int, value: int = 200) -> np.ndarray:
+    """A bright, textured disc centred on a black canvas: a crude fundus photograph (BGR)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    cv2.circle(image, (width // 2, height // 2), radius, (value // 3, value // 2, value), -1)
+    # Texture so JPEG has something to encode and the decode is not trivially flat.
+    noise = np.random.default_rng(0).integers(0, 30, (height, width, 3), dtype=np.uint8)
+    return np.where(image > 0, image - noise // 2, 0).astype(np.uint8)
+
+
+def _assert_rgb_uint8(image: np.ndarray) -> None:
+    assert image.dtype == np.uint8
+    assert image.ndim == 3 and image.shape[2] == 3
+
+
+# ---------------------------------------------------------------- unusual but valid inputs
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_grayscale_becomes_rgb(tmp_path: Path, ext: str) -> None:
+    gray = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    image = read_image(_write(tmp_path / f"gray{ext}", gray))
+    _assert_rgb_uint8(image)
+    assert image.shape[:2] == (48, 64)
+    # All three channels carry the gray value (JPEG may shift it by a few levels).
+    assert np.array_equal(image[..., 0], image[..., 1])
+    assert np.array_equal(image[..., 1], image[..., 2])
+    assert np.abs(image[..., 0].astype(int) - gray).max() <= 8
+
+
+def test_rgba_png_drops_alpha_and_keeps_rgb_order(tmp_path: Path) -> None:
+    bgra = np.zeros((32, 40, 4), np.uint8)
+    bgra[..., 2] = 255  # pure red in OpenCV's BGR order
+    bgra[..., 3] = 100  # half-transparent: must not darken or tint the colour
+    image = read_image(_write(tmp_path / "rgba.png", bgra))
+    _assert_rgb_uint8(image)
+    assert image.shape[:2] == (32, 40)
+    assert (image[..., 0] == 255).all() and (image[..., 1:] == 0).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_png_is_scaled_to_8_bit(tmp_path: Path, channels: int) -> None:
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (16, 1))
+    source = ramp if channels == 1 else np.stack([ramp, ramp // 2, ramp // 4], axis=2)
+    image = read_image(_write(tmp_path / f"deep{channels}.png", source))
+    _assert_rgb_uint8(image)
+    assert image.shape[:2] == (16, 256)
+    # 0..65535 maps onto 0..255 in order: no wrap-around (uint16 → uint8 cast) and no clipping.
+    expected = ramp / 257.0
+    full = image[..., 2]  # the source's B channel (BGR) carries the full ramp; RGB puts it last
+    assert image.max() == 255 and image.min() == 0
+    assert np.abs(full.astype(float) - expected).max() <= 1.5
+    assert (np.diff(full[0].astype(int)) >= 0).all()
+    if channels == 3:  # the other channels keep their own scale (no per-channel stretching)
+        assert np.abs(image[..., 0].astype(float) - expected / 4).max() <= 1.5
+
+
+def test_png_bytes_under_jpg_name(tmp_path: Path) -> None:
+    """The format comes from the bytes: a PNG renamed to .jpg still decodes, target or not."""
+    path = _write(tmp_path / "really_a_png.jpg", _disc(300, 400, 120), ext=".png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    full = read_image(path)
+    _assert_rgb_uint8(full)
+    assert full.shape == (300, 400, 3)
+    # With a target the JPEG reduced-decoding path is tried first; whatever it does with PNG
+    # bytes, the result is a valid image that still covers the target size.
+    reduced = read_image(path, target=64)
+    _assert_rgb_uint8(reduced)
+    assert min(reduced.shape[:2]) >= 64
+
+
+def test_upper_case_jpg_extension(tmp_path: Path) -> None:
+    path = _write(tmp_path / "IMG_0001.JPG", _disc(1300, 2000, 600))
+    image = read_image(path, target=256)
+    _assert_rgb_uint8(image)
+    assert image.shape == (325, 500, 3)  # reduced decoding applies: the suffix test is lower()
+    out = preprocess(path, PreprocessConfig(size=256))
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- broken inputs
+
+
+def _assert_unreadable(path: Path, target: int | None = None) -> str:
+    """Both entry points raise `UnreadableImageError` naming the file; returns the message."""
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(path, target=target)
+    assert path.name in str(info.value)
+    with pytest.raises(UnreadableImageError):
+        preprocess(path, PreprocessConfig(size=64))
+    return str(info.value)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    assert "empty" in _assert_unreadable(path)
+
+
+@pytest.mark.parametrize("target", [None, 64])
+def test_truncated_jpeg(tmp_path: Path, target: int | None) -> None:
+    """A download cut in half: the JPEG header is intact, the entropy-coded data is not.
+
+    Observed with opencv-python-headless 5.0: `imdecode` returns None for a truncated JPEG (on
+    every flag, reduced ones included), so `read_image` raises. Older OpenCV 4.x builds instead
+    decoded the rows that were present and filled the rest with grey, with only a libjpeg warning
+    on stderr. If that behaviour ever returns, the second branch pins down what we then get: a
+    full-size image whose lower part is a flat fill — a silent corruption the cache would keep.
+    """
+    path = _write(tmp_path / "full.jpg", _disc(300, 400, 140))
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    # The header survives the cut, so the reduced-decoding probe still reads the image size.
+    try:
+        image = read_image(truncated, target=target)
+    except UnreadableImageError as exc:
+        assert truncated.name in str(exc)
+        return
+    # Partial decode (OpenCV 4.x): full size, the missing lower part one flat colour.
+    _assert_rgb_uint8(image)
+    assert image.shape == read_image(path, target=target).shape
+    assert np.ptp(image[-10:]) == 0
+
+
+def test_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "noise.jpg"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    _assert_unreadable(path)
+    _assert_unreadable(path, target=64)
+
+
+def test_random_bytes_after_jpeg_magic(tmp_path: Path) -> None:
+    """A JPEG signature followed by garbage: the header probe fails and decoding must too."""
+    path = tmp_path / "fake.jpg"
+    payload = np.random.default_rng(2).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    path.write_bytes(b"\xff\xd8\xff\xe0" + payload)
+    _assert_unreadable(path, target=64)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _assert_unreadable(tmp_path / "does_not_exist.jpg")
+
+
+# ---------------------------------------------------------------- crop, Ben Graham, resize
+
+
+def test_crop_to_fundus_is_square_and_tight() -> None:
+    canvas = np.zeros((300, 600, 3), np.uint8)
+    cv2.circle(canvas, (250, 140), 100, (180, 90, 40), -1)  # disc spans x 150-350, y 40-240
+    cropped = crop_to_fundus(canvas)
+    assert cropped.shape == (201, 201, 3)
+    mask = cropped.max(axis=2) > 10
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    # Tight: the disc touches all four edges, no black band is left on any side.
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (0, 200, 0, 200)
+    assert mask.mean() == pytest.approx(np.pi / 4, abs=0.02)
+
+
+def test_crop_to_fundus_pads_a_cut_off_disc_to_a_centred_square() -> None:
+    """IDRiD-like: the disc is clipped at top and bottom, so the crop is wider than tall."""
+    canvas = np.zeros((300, 600, 3), np.uint8)
+    cv2.circle(canvas, (300, 150), 180, (200, 120, 60), -1)  # taller than the canvas
+    cropped = crop_to_fundus(canvas)
+    assert cropped.shape == (361, 361, 3)
+    mask = cropped.max(axis=2) > 10
+    rows = np.flatnonzero(mask.any(axis=1))
+    assert rows[0] == 30 and rows[-1] == 329  # 300 rows of field, 30 + 31 rows of padding
+
+
+def test_crop_to_fundus_all_black_does_not_crash() -> None:
+    black = np.zeros((120, 200, 3), np.uint8)
+    out = crop_to_fundus(black)
+    assert out.shape == (200, 200, 3) and out.dtype == np.uint8
+    assert not out.any()
+
+
+def test_ben_graham_keeps_dtype_and_centres_flat_image() -> None:
+    flat = np.full((96, 96, 3), 77, np.uint8)
+    out = ben_graham(flat)
+    assert out.dtype == np.uint8 and out.shape == flat.shape
+    assert np.abs(out.astype(int) - 128).max() <= 1
+
+
+def test_ben_graham_on_a_fundus_keeps_shape() -> None:
+    image = cv2.cvtColor(_disc(128, 128, 60), cv2.COLOR_BGR2RGB)
+    out = ben_graham(image)
+    assert out.dtype == np.uint8 and out.shape == image.shape
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PreprocessConfig(size=96),
+        PreprocessConfig(size=96, crop_fundus=False),
+        PreprocessConfig(size=96, ben_graham=True),
+        PreprocessConfig(size=512),  # upsampling path (INTER_CUBIC)
+    ],
+)
+def test_preprocess_returns_square_rgb(tmp_path: Path, config: PreprocessConfig) -> None:
+    path = _write(tmp_path / "fundus.jpg", _disc(300, 450, 140))
+    out = preprocess(path, config)
+    assert out.shape == (config.size, config.size, 3)
+    assert out.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- JPEG reduced decoding
+
+
+def test_reduced_decoding_for_large_jpeg_not_for_png(tmp_path: Path) -> None:
+    """A 2000×1300 photo for a 256 px cache: libjpeg decodes at 1/4 scale, a PNG cannot."""
+    source = _disc(1300, 2000, 600)
+    jpeg = read_image(_write(tmp_path / "large.jpg", source), target=256)
+    # Short side 1300: /8 = 162 < 256·1.1, /4 = 325 >= 282, so factor 4 (ceil of 2000/4, 1300/4).
+    assert jpeg.shape == (325, 500, 3)
+    assert read_image(tmp_path / "large.jpg").shape == (1300, 2000, 3)  # no target: full size
+    png = read_image(_write(tmp_path / "large.png", source), target=256)
+    assert png.shape == (1300, 2000, 3)
+
+
+def test_reduced_decoding_keeps_enough_pixels(tmp_path: Path) -> None:
+    """A JPEG barely above the target is decoded at full size: never below target·1.1."""
+    image = read_image(_write(tmp_path / "small.jpg", _disc(300, 400, 140)), target=256)
+    assert image.shape == (300, 400, 3)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_build_reports_unreadable_files_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    good = _write(tmp_path / "good.jpg", _disc(300, 400, 140))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.jpg"
+    cache = PreprocessedCache(tmp_path / "cache", PreprocessConfig(size=64))
+
+    entries, errors = cache.build([good, bad, empty, missing], num_workers=2)
+
+    assert set(entries) == {good}
+    assert set(errors) == {bad, empty, missing}
+    for source, message in errors.items():
+        assert source.name in message
+    cached = np.load(entries[good])
+    assert cached.shape == (64, 64, 3) and cached.dtype == np.uint8
+    files = [p for p in cache.folder.rglob("*") if p.is_file()]
+    assert not [p for p in files if "tmp" in p.name or p.name.startswith(".")]
+    assert sorted(p.name for p in files) == sorted(["params.json", entries[good].name])
+
+    # A second build reuses the entry instead of rewriting it.
+    mtime = entries[good].stat().st_mtime_ns
+    again, errors_again = cache.build([good, bad], num_workers=2)
+    assert again == {good: entries[good]} and set(errors_again) == {bad}
+    assert entries[good].stat().st_mtime_ns == mtime

@@ -1,0 +1,79 @@
+"""Resuming in the run's own directory, checkpoint checks, and the multirun sweep summary."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.errors import ConfigurationError
+from visioncare.utils.checkpoints import resolve_ckpt_path, resume_run_dir
+
+
+def _cli(
+    *args: str, synthetic_root: Path, cache_dir: Path, logs: Path
+) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "src/train.py", *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
+        f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}",
+        "logger=none", *args,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_resume_continues_in_the_same_run_directory(tmp_path, synthetic_root, cache_dir):
+    logs = tmp_path / "logs"
+    _cli("trainer.max_epochs=2", synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs)
+    (run,) = (logs / "train" / "runs").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    _cli(
+        f"ckpt_path={last}", "trainer.max_epochs=3",
+        synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs,
+    )  # fmt: skip
+    assert [p.name for p in (logs / "train" / "runs").iterdir()] == [run.name]
+    with open(run / "metrics.csv", newline="") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2]
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    # `last` finds the newest last.ckpt of the task, and resumes in its directory too.
+    assert resolve_ckpt_path("last", logs / "train") == str(last)
+    assert resume_run_dir("last", str(logs / "train"), "fresh") == str(run.resolve())
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ConfigurationError, match=r"junk\.ckpt.*not a readable checkpoint"):
+        resolve_ckpt_path(str(junk), tmp_path)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(1)}}, foreign)
+    with pytest.raises(ConfigurationError, match=r"foreign\.ckpt.*not a VisionCare checkpoint"):
+        resolve_ckpt_path(str(foreign), tmp_path)
+    with pytest.raises(ConfigurationError, match=r"ckpt_path=last: no checkpoints/last\.ckpt"):
+        resolve_ckpt_path("last", tmp_path)
+    assert resume_run_dir(None, str(tmp_path), "fresh") == "fresh"
+    assert resume_run_dir(str(junk), str(tmp_path), "fresh") == "fresh"
+
+
+def test_multirun_sweep_writes_a_ranked_summary(tmp_path, synthetic_root, cache_dir):
+    logs = tmp_path / "logs"
+    _cli(
+        "-m", "unfreeze_step=1,2", "trainer.max_epochs=2",
+        synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs,
+    )  # fmt: skip
+    (sweep,) = (logs / "train" / "multiruns").iterdir()
+    assert (sweep / "0" / "summary.json").is_file() and (sweep / "1" / "summary.json").is_file()
+    with open(sweep / "sweep_summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    assert {r["overrides"].split()[0] for r in rows} == {"unfreeze_step=1", "unfreeze_step=2"}
+    scores = [float(r["best/val/avg_acc"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert "| rank |" in (sweep / "sweep_summary.md").read_text()
