@@ -20,7 +20,7 @@ class _Trainer:
         self.strategy = SimpleNamespace(barrier=lambda name=None: None)
         self.saved: list[int] = []
 
-    def save_checkpoint(self, path) -> None:
+    def save_checkpoint(self, path, weights_only: bool = False) -> None:
         path.write_text(str(self.current_epoch))
         self.saved.append(self.current_epoch)
 

@@ -45,7 +45,12 @@ def test_effv2s_uses_its_own_normalisation():
 
 
 def test_pretrained_offline_names_both_ways_out(monkeypatch):
+    # Offline at once (read at import time, hence the constant): without it the blocked network
+    # costs ~45 s of retries before the same error.
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigurationError) as error:
         TwoHeadNet("test_efficientnet", pretrained=True)
     assert "model.pretrained=false" in str(error.value)

@@ -95,9 +95,15 @@ class EpochMetricsCSV(Callback):
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in on_fit_start: only now does current_epoch reflect a restored checkpoint.
+        if self.rows is not None:
+            return
         self.rows = []
         if self.path.exists():
             with open(self.path, newline="") as handle:
@@ -112,6 +118,8 @@ class EpochMetricsCSV(Callback):
                 continue
             number = float(value)
             row[name] = "" if math.isnan(number) else number
+        if self.rows is None:
+            self.rows = []
         self.rows.append(row)
         if trainer.is_global_zero:
             self._write()
