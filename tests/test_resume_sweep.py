@@ -19,7 +19,8 @@ def _cli(
     *args: str, synthetic_root: Path, cache_dir: Path, logs: Path, multirun: bool = False
 ) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "src/train.py", *(["-m"] if multirun else []), *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
+        sys.executable, "src/train.py", *(["-m"] if multirun else []),
+        *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
         f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}",
         "logger=none", *args,
     ]  # fmt: skip
