@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import partial
 
 import numpy as np
@@ -97,3 +98,19 @@ def test_sampler_order_is_reproducible_and_sharded():
 def test_unknown_data_key_is_named(tmp_path):
     with pytest.raises(ConfigurationError, match=r"data.num_trian"):
         FundusDataModule(partial(IDRiDSource), root=str(tmp_path), num_trian=3)
+
+
+def test_balanced_sampling_evens_out_rare_grades(tmp_path):
+    rows = [(f"IDRiD_{i:03d}", "0", "0") for i in range(1, 19)]
+    rows += [("IDRiD_019", "4", "2"), ("IDRiD_020", "4", "2")]
+    root = make_idrid(tmp_path / "idrid", rows, _rows(1))
+    dm = _module(root, tmp_path / "cache", balance_classes=True, val_fraction=0.0)
+    dm.prepare_data()
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    drawn = Counter()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        drawn.update(dm.splits["train"][i].dr for _, i in sampler)
+    # 2 of 20 images are DR 4, yet about half of the draws are.
+    assert 0.35 < drawn[4] / sum(drawn.values()) < 0.65

@@ -48,6 +48,9 @@ class FundusDataModule(L.LightningDataModule):
         mean, std: input normalisation; None = take them from the backbone (`set_normalization`).
         on_bad_image: ``error`` stops before training on undecodable images; ``skip`` drops them.
         pin_memory: None = on when training on a GPU.
+        balance_classes: sample training images with replacement, weighted by the inverse
+            frequency of their joint (DR, DME) label, so rare grades are seen as often as common
+            ones (class weights in the loss are the other option: `loss.class_weights`).
         **source_options: dataset-specific keys (e.g. the synthetic set's `num_train`), passed to
             the source; an unknown key is an error naming it.
     """
@@ -71,6 +74,7 @@ class FundusDataModule(L.LightningDataModule):
         std: Sequence[float] | None = None,
         on_bad_image: str = "error",
         pin_memory: bool | None = None,
+        balance_classes: bool = False,
         **source_options: Any,
     ) -> None:
         super().__init__()
@@ -101,6 +105,7 @@ class FundusDataModule(L.LightningDataModule):
         self.mean, self.std = mean, std
         self.on_bad_image = on_bad_image
         self.pin_memory = pin_memory
+        self.balance_classes = balance_classes
         self.splits: dict[str, list[Record]] = {}
         self.source_names: list[str] = []
         self.cached: dict[Path, Path] = {}
@@ -216,8 +221,10 @@ class FundusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
+        records = self.splits["train"]
+        weights = balanced_weights(records) if self.balance_classes else None
         sampler = EpochSeededSampler(
-            len(self.datasets["train"]), seed=self.seed, shuffle=True, rank=rank, world_size=world
+            len(records), seed=self.seed, shuffle=True, rank=rank, world_size=world, weights=weights
         )
         return self._loader("train", sampler)
 
@@ -226,6 +233,12 @@ class FundusDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def balanced_weights(records: Sequence[Record]) -> list[float]:
+    """Per-sample weights ∝ 1 / count of the sample's joint (DR, DME) label."""
+    counts = Counter((r.dr, r.dme) for r in records)
+    return [1.0 / counts[(r.dr, r.dme)] for r in records]
 
 
 def _make_source(
