@@ -23,6 +23,10 @@ REDUCED_FLAGS = (
 )
 
 
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+JPEG_TAIL = 4096  # some cameras append metadata after the end-of-image marker
+
+
 class UnreadableImageError(ValueError):
     """The file is missing, empty, truncated or not an image OpenCV can decode."""
 
@@ -79,6 +83,9 @@ def read_image(path: str | Path, target: int | None = None) -> np.ndarray:
         raise UnreadableImageError(f"cannot read {path}: {exc.strerror or exc}") from None
     if data.size == 0:
         raise UnreadableImageError(f"{path} is empty (0 bytes)")
+    if data[:2].tobytes() == JPEG_START and JPEG_END not in data[-JPEG_TAIL:].tobytes():
+        # OpenCV 4.x decodes a cut-off JPEG without error (garbage below the cut); refuse it.
+        raise UnreadableImageError(f"{path} is a truncated JPEG (no end marker); re-download it")
     flag = _reduced_flag(path, target) if target else cv2.IMREAD_COLOR
     image = cv2.imdecode(data, flag)
     if image is None and flag != cv2.IMREAD_COLOR:
