@@ -19,6 +19,9 @@ from visioncare.utils import precision
         ["experiment=idrid_effv2s"],
         ["experiment=synthetic_tiny"],
         ["debug=default"],
+        ["hparams_search=unfreeze_step"],
+        ["trainer=ddp_cpu"],
+        ["data=combined"],
         ["model=effv2s", "trainer.devices=1", "trainer.max_epochs=3", "trainer.precision=32-true"],
     ],
 )

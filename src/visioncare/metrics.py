@@ -1,8 +1,9 @@
 """Classification metrics for both tasks, built on torchmetrics (DDP-synchronised).
 
 Names follow the contract `{split}/{metric}_{task}`: `acc`, `f1` (macro), `qwk` (quadratic weighted
-kappa), `per_class_acc_{task}_{k}` (recall of grade k), plus `{split}/avg_acc` (mean of the tasks'
-accuracies) and `{split}/joint_acc` (both grades right; the IDRiD challenge metric). Labels of -1
+kappa), `per_class_acc_{task}_{k}` (recall of grade k), `num` (graded images counted), plus
+`{split}/avg_acc` (mean of the tasks' accuracies) and `{split}/joint_acc` (both grades right; the
+IDRiD challenge metric). Labels of -1
 ("not graded") are ignored; a task with no labelled sample in the split reports NaN, not 0.
 """
 
@@ -103,6 +104,9 @@ class MultiTaskMetrics(nn.Module):
                 out[f"{split}/per_class_acc_{task}_{k}"] = value
             if labelled:
                 accs.append(acc)
+            # How many graded images the split's metrics cover (all ranks together under DDP).
+            count = int(metrics.confusion.compute().sum()) if labelled else 0
+            out[f"{split}/num_{task}"] = float(count)
         out[f"{split}/avg_acc"] = sum(accs) / len(accs) if accs else float("nan")
         out[f"{split}/joint_acc"] = float(self.joint.compute())
         return out
