@@ -33,3 +33,15 @@ def test_ddp_cpu_two_processes(tmp_path, synthetic_root, cache_dir):
     # Each rank saw half of the validation images; the metrics cover all of them exactly once.
     assert summary["best"]["val/num_dr"] == summary["data"]["num_val"]
     assert summary["test"]["test/num_dme"] == summary["data"]["num_test"]
+
+
+def test_multirun_with_ddp_is_refused_with_a_clear_message(tmp_path):
+    command = [
+        sys.executable, "src/train.py", "-m", "trainer=ddp_cpu", "unfreeze_step=1,2",
+        "model=tiny", f"paths.log_dir={tmp_path / 'logs'}", f"data.root={tmp_path / 'syn'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "cannot run inside a Hydra multirun" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "syn").exists()  # refused before any data work

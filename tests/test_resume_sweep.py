@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,56 @@ def test_multirun_sweep_writes_a_ranked_summary(tmp_path, synthetic_root, cache_
     scores = [float(r["best/val/avg_acc"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     assert "| rank |" in (sweep / "sweep_summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, synthetic_root, cache_dir):
+    """Kill a real training process after its second epoch, resume, compare with no kill."""
+    extra = ["trainer.max_epochs=5", "unfreeze_step=1", "seed=7"]
+    unbroken = tmp_path / "unbroken"
+    _cli(*extra, synthetic_root=synthetic_root, cache_dir=cache_dir, logs=unbroken)
+
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable, "src/train.py", *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES, "logger=none",
+        f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={killed}",
+        *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    metrics = None
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(killed.glob("train/runs/*/metrics.csv"))
+        if found and len(found[0].read_text().splitlines()) >= 3:  # header + epochs 0 and 1
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert metrics is not None and process.poll() is None, "training ended before the kill"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    run = metrics.parent
+    last = run / "checkpoints" / "last.ckpt"
+    resumed_from = torch.load(last, weights_only=True)["epoch"]
+    assert resumed_from < 4  # the kill really interrupted training
+    _cli(
+        f"ckpt_path={last}", *extra, synthetic_root=synthetic_root, cache_dir=cache_dir, logs=killed
+    )
+
+    def rows(path: Path) -> list[dict[str, str]]:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    (reference,) = unbroken.glob("train/runs/*/metrics.csv")
+    expected, actual = rows(reference), rows(run / "metrics.csv")
+    assert [r["epoch"] for r in actual] == [r["epoch"] for r in expected] == list("01234")
+    for want, got in zip(expected, actual, strict=True):
+        for key in (
+            "train/loss",
+            "val/loss",
+            "val/avg_acc",
+            "lr",
+            "loss/sigma_dr",
+            "unfreeze/stage",
+        ):
+            a, b = float(want[key]), float(got[key])
+            assert abs(a - b) <= 1e-4 * max(abs(a), 1e-8), (want["epoch"], key, a, b)

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from visioncare.callbacks import BestAverageAccuracy
+from visioncare.errors import ConfigurationError
 from visioncare.utils.checkpoints import resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.precision import resolve_precision
@@ -56,8 +59,25 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return values
 
 
+def refuse_multirun_ddp(cfg: DictConfig) -> None:
+    """A Hydra multirun whose jobs each launch DDP processes is refused up front.
+
+    Lightning's DDP launcher re-runs the script for every extra rank with the job's overrides,
+    which under a sweep starts the other ranks outside the sweep's job and directory.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if "ddp" in str(cfg.trainer.get("strategy") or ""):
+        raise ConfigurationError(
+            f"trainer.strategy={cfg.trainer.strategy} cannot run inside a Hydra multirun (-m): "
+            "run each configuration as its own `python src/train.py trainer=ddp ...` command, "
+            "or sweep on a single device"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, select on validation, test once; returns best validation and test metrics."""
+    refuse_multirun_ddp(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -224,9 +224,19 @@ class VisionCareModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint["visioncare_config"] = self.run_config
         checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
+        # Dropout draws from the global generators: without their state a resumed run diverges.
+        checkpoint["visioncare_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("visioncare_config", self.run_config)
+        rng = checkpoint.get("visioncare_rng")
+        if rng and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _plain(value: Any) -> Any:
