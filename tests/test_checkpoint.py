@@ -3,6 +3,7 @@
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from visioncare.callbacks import BestAverageAccuracy
@@ -66,3 +67,41 @@ def test_ignores_sanity_check_and_plain_validate(tmp_path):
     trainer.sanity_checking, trainer.state.fn = False, "validate"
     _epoch(trainer, cb, 0, 0.9, 0.9, 0.9)
     assert trainer.saved == []
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
+    from visioncare.callbacks.checkpoint import save_checkpoint_atomically
+
+    trainer = _Trainer()
+    target = tmp_path / "last.ckpt"
+    save_checkpoint_atomically(trainer, target)
+    assert target.read_text() == "0"
+
+    def dies_half_way(path, weights_only=False):
+        path.write_text("half-writ")
+        raise KeyboardInterrupt  # the process is stopped mid-save
+
+    trainer.save_checkpoint = dies_half_way
+    trainer.current_epoch = 1
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_atomically(trainer, target)
+    assert target.read_text() == "0"  # the previous checkpoint is intact
+
+
+def test_non_finite_loss_stops_training_naming_the_task():
+    from visioncare.errors import TrainingDivergedError
+    from visioncare.models import VisionCareModule
+
+    module = VisionCareModule(backbone="test_efficientnet", channels_last=False)
+    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    module.log_dict = lambda *args, **kwargs: None
+    with torch.no_grad():
+        module.net.heads["dme"][1].bias.fill_(float("nan"))
+    batch = {
+        "image": torch.randn(2, 3, 64, 64),
+        "dr": torch.tensor([0, 1]),
+        "dme": torch.tensor([0, 2]),
+        "source": torch.tensor([0, 0]),
+    }
+    with pytest.raises(TrainingDivergedError, match=r"task: dme\) at epoch 0"):
+        module.training_step(batch, 0)
