@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from visioncare.callbacks import BestAverageAccuracy
+from visioncare.callbacks.checkpoint import save_checkpoint_atomically
+from visioncare.errors import TrainingDivergedError
+from visioncare.models import VisionCareModule
 
 
 class _Trainer:
@@ -70,8 +73,6 @@ def test_ignores_sanity_check_and_plain_validate(tmp_path):
 
 
 def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
-    from visioncare.callbacks.checkpoint import save_checkpoint_atomically
-
     trainer = _Trainer()
     target = tmp_path / "last.ckpt"
     save_checkpoint_atomically(trainer, target)
@@ -89,9 +90,6 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_stops_training_naming_the_task():
-    from visioncare.errors import TrainingDivergedError
-    from visioncare.models import VisionCareModule
-
     module = VisionCareModule(backbone="test_efficientnet", channels_last=False)
     module.log = lambda *args, **kwargs: None  # no Trainer attached
     module.log_dict = lambda *args, **kwargs: None

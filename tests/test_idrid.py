@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from visioncare.data.sources.idrid import IDRiDSource
+from visioncare.data.validation import validate_records
 from visioncare.errors import DataValidationError
 
 GRADING = "B. Disease Grading"
@@ -123,3 +124,21 @@ def test_header_only_table(tmp_path):
     make_idrid(tmp_path, [], [("IDRiD_001", "0", "0")])
     with pytest.raises(DataValidationError, match="header but no rows"):
         IDRiDSource(tmp_path).load()
+
+
+def test_utf8_bom_in_the_label_file(tmp_path):
+    root = make_idrid(tmp_path, [("IDRiD_001", "2", "2")], [("IDRiD_001", "0", "0")])
+    csv_path = root / GRADING / "2. Groundtruths" / TRAIN_CSV
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert [(r.dr, r.dme) for r in IDRiDSource(root).load()["train"]] == [(2, 2)]
+
+
+def test_duplicate_image_with_conflicting_labels_is_reported(tmp_path):
+    make_idrid(
+        tmp_path, [("IDRiD_001", "2", "1"), ("IDRiD_001", "3", "1")], [("IDRiD_001", "0", "0")]
+    )
+    splits = IDRiDSource(tmp_path).load()
+    with pytest.raises(DataValidationError) as error:
+        validate_records(splits, "idrid")
+    assert "idrid/train/IDRiD_001: listed more than once" in str(error.value)
+    assert "conflicting labels (DR, DME) [(2, 1), (3, 1)]" in str(error.value)
