@@ -88,3 +88,11 @@ def test_param_groups_cover_every_parameter_once(module):
 
 def test_callback_is_a_lightning_callback():
     assert isinstance(GradualUnfreezing(), Callback)
+
+
+def test_stage_zero_runs_no_backward_through_the_backbone(module):
+    GradualUnfreezing(unfreeze_step=1).apply(module, 0)
+    features = module.net.backbone(torch.randn(2, 3, 64, 64))
+    assert not features.requires_grad  # no autograd graph is recorded for the frozen backbone
+    GradualUnfreezing(unfreeze_step=1).apply(module, 1)
+    assert module.net.backbone(torch.randn(2, 3, 64, 64)).requires_grad

@@ -44,6 +44,8 @@ class VisionCareModule(L.LightningModule):
         loss: the multi-task loss module; default `UncertaintyWeightedLoss`.
         backbone_lr_mult: backbone groups' LR as a multiple of the heads' LR.
         channels_last: NHWC memory format (faster convolutions with bf16/fp16 on CPU and GPU).
+        compile: `torch.compile` the network in place at fit start (state-dict keys unchanged,
+            so checkpoints stay interchangeable). Unfreezing a stage triggers one recompile.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class VisionCareModule(L.LightningModule):
         loss: nn.Module | None = None,
         backbone_lr_mult: float = 1.0,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -67,6 +70,7 @@ class VisionCareModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.backbone_lr_mult = backbone_lr_mult
         self.channels_last = channels_last
+        self.compile_net = compile
         # Attributes, not a ModuleDict: a "train" key would shadow nn.Module.train.
         self.train_metrics = MultiTaskMetrics("train", full=False)
         self.val_metrics = MultiTaskMetrics("val")
@@ -91,6 +95,10 @@ class VisionCareModule(L.LightningModule):
                 for name in (self.source_names if len(self.source_names) > 1 else [])
             }
         )
+
+    def setup(self, stage: str) -> None:
+        if self.compile_net and stage == "fit":
+            self.net.compile()
 
     def split_metrics(self, split: str) -> MultiTaskMetrics:
         """The metric set of ``train``, ``val`` or ``test``."""
