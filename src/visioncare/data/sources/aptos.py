@@ -25,10 +25,7 @@ from visioncare.data.sources.base import DatasetSource
 from visioncare.data.sources.tables import (
     check_test_fraction,
     hold_out_test,
-    is_blank,
-    parse_grade,
-    read_label_table,
-    resolve_image,
+    read_dr_only_table,
 )
 from visioncare.errors import DataValidationError
 
@@ -63,24 +60,10 @@ class APTOSSource(DatasetSource):
                 f"(columns id_code,diagnosis) next to '{IMAGES}/'. Point data.root at the "
                 "unzipped aptos2019-blindness-detection folder."
             )
-        table = read_label_table(labels, COLUMNS)
-        folder = self.root / IMAGES
-        listing = {p.name: p for p in folder.iterdir()} if folder.is_dir() else {}
         problems: list[str] = []
-        records = []
-        for row in table.itertuples(index=False):
-            where = f"{labels}, row {row.row}"
-            if is_blank(row.image):
-                problems.append(f"{where}: empty id_code")
-                continue
-            if is_blank(row.dr):
-                problems.append(f"{where}: empty diagnosis (APTOS has no other grade)")
-                continue
-            dr = parse_grade(row.dr, 4, where, problems)
-            image = resolve_image(folder, row.image, listing)
-            if not image.is_file():
-                image = folder / f"{row.image}.png"  # name the file APTOS ships
-            records.append(Record(image, dr, -1, self.name, f"{self.name}/{row.image}"))
+        records = read_dr_only_table(
+            labels, COLUMNS, self.root / IMAGES, self.name, "", ".png", problems
+        )
         if problems:
             raise DataValidationError.from_problems("APTOS labels are invalid", problems)
         return hold_out_test(records, self.test_fraction, self.split_seed)

@@ -25,10 +25,7 @@ from visioncare.data.sources.base import DatasetSource
 from visioncare.data.sources.tables import (
     check_test_fraction,
     hold_out_test,
-    is_blank,
-    parse_grade,
-    read_label_table,
-    resolve_image,
+    read_dr_only_table,
 )
 from visioncare.errors import DataValidationError
 
@@ -104,21 +101,4 @@ class EyePACSSource(DatasetSource):
 
     def _read(self, labels: Path, folder: Path, prefix: str, problems: list[str]) -> list[Record]:
         """Records of one label table; problems are collected, not raised."""
-        table = read_label_table(labels, COLUMNS)
-        listing = {p.name: p for p in folder.iterdir() if p.is_file()}
-        records = []
-        for row in table.itertuples(index=False):
-            where = f"{labels}, row {row.row}"
-            if is_blank(row.image):
-                problems.append(f"{where}: empty image name")
-                continue
-            if is_blank(row.dr):
-                problems.append(f"{where}: empty level (EyePACS has no other grade)")
-                continue
-            dr = parse_grade(row.dr, 4, where, problems)
-            image = resolve_image(folder, row.image, listing)
-            if not image.is_file() and not Path(row.image).suffix:
-                image = folder / f"{row.image}.jpeg"  # name the file Kaggle ships
-            key = f"{self.name}/{prefix}{row.image}"
-            records.append(Record(image, dr, -1, self.name, key))
-        return records
+        return read_dr_only_table(labels, COLUMNS, folder, self.name, prefix, ".jpeg", problems)

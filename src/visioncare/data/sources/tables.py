@@ -110,3 +110,37 @@ def hold_out_test(
     """
     train, test = stratified_split(records, test_fraction, split_seed)
     return {"train": train, "test": test}
+
+
+def read_dr_only_table(
+    labels: Path,
+    columns: dict[str, str],
+    folder: Path,
+    source: str,
+    key_prefix: str,
+    default_suffix: str,
+    problems: list[str],
+) -> list[Record]:
+    """Records of a DR-only label table (APTOS, EyePACS): DME stays ungraded (-1).
+
+    Problems are collected in ``problems`` with file and row, not raised one by one.
+    ``default_suffix`` names the file the dataset ships when a name has no extension and no
+    file matches (so the missing-file report shows the expected name).
+    """
+    table = read_label_table(labels, columns)
+    listing = {p.name: p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+    records = []
+    for row in table.itertuples(index=False):
+        where = f"{labels}, row {row.row}"
+        if is_blank(row.image):
+            problems.append(f"{where}: empty {columns['image']}")
+            continue
+        if is_blank(row.dr):
+            problems.append(f"{where}: empty {columns['dr']} (the only grade {source} has)")
+            continue
+        dr = parse_grade(row.dr, 4, where, problems)
+        image = resolve_image(folder, row.image, listing)
+        if not image.is_file() and not Path(row.image).suffix:
+            image = folder / f"{row.image}{default_suffix}"
+        records.append(Record(image, dr, -1, source, f"{source}/{key_prefix}{row.image}"))
+    return records
