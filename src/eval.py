@@ -1,0 +1,27 @@
+"""Evaluate a checkpoint: `python src/eval.py ckpt_path=<ckpt> [data=...] [tta=true]`.
+
+See conf/eval.yaml and `visioncare.evaluation.evaluate`.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from visioncare.evaluation import evaluate  # noqa: E402
+from visioncare.utils.hydra import register_resolvers, run_task  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_task(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

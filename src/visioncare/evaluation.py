@@ -1,0 +1,400 @@
+"""The evaluation task behind `src/eval.py`: one checkpoint, one split, a full report.
+
+The model and its preprocessing are rebuilt from the checkpoint alone (`load_model`,
+`input_spec`), never from today's config defaults. The data is the checkpoint's own stored data
+config unless `data=<name>` is given; either way image size, cache size, crop and normalisation
+come from the checkpoint, because the network only understands the inputs it was trained on.
+
+Written to the run directory (`paths.output_dir`):
+
+- `metrics.json`: flat keys. Per task (`dr`, `dme`): `test/acc_{t}`, `test/f1_{t}` (macro),
+  `test/qwk_{t}`, `test/per_class_acc_{t}_{k}` (recall of grade k; null for a grade absent from
+  the labels), `test/num_{t}`, `test/confusion_{t}` (rows = true grade), `test/ece_{t}` (15-bin
+  expected calibration error); `test/avg_acc`, `test/joint_acc`; referable DR (grade >= 2) and
+  referable DME (grade >= 1): `test/referable_{t}_sensitivity`, `_specificity` (the predicted
+  grade crossing the threshold, i.e. the same decision as `dr_pred`/`dme_pred`) and `_auroc` (from
+  P(referable) = the summed softmax of the referable grades). With several sources, the per-task
+  metrics again as `test/<source>/...`. A value that is undefined (no labels for the task, a
+  single class for AUROC) is null. The prefix is the split's name (`val/...` for `split=val`).
+- `predictions.csv`: one row per image (true and predicted grades, all probabilities), so every
+  number above can be re-computed independently.
+- `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryRecall,
+    BinaryROC,
+    BinarySpecificity,
+    MulticlassCalibrationError,
+)
+
+from visioncare import IGNORE_INDEX, TASKS
+from visioncare.data.datamodule import FundusDataModule
+from visioncare.data.transforms import build_eval_transform
+from visioncare.errors import ConfigurationError
+from visioncare.inference import InputSpec, input_spec, load_model
+from visioncare.metrics import MultiTaskMetrics
+from visioncare.plots import plot_confusion_matrix
+from visioncare.utils.checkpoints import resolve_ckpt_path
+
+log = logging.getLogger("visioncare")
+
+# The lowest grade that counts as "referable" (needs an ophthalmologist) per task.
+REFERABLE_FROM = {"dr": 2, "dme": 1}
+ECE_BINS = 15
+HEADLINE = ("avg_acc", "joint_acc", "acc_dr", "acc_dme", "f1_dr", "f1_dme", "qwk_dr", "qwk_dme")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate `cfg.ckpt_path` on `cfg.split`; write the report; return the scalar metrics."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise ConfigurationError(
+            "ckpt_path is required: python src/eval.py ckpt_path=<run>/checkpoints/best.ckpt"
+        )
+    ckpt_path = resolve_ckpt_path(str(cfg.ckpt_path), Path(cfg.paths.log_dir, "train"))
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    split = str(cfg.get("split", "test"))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config = load_model(ckpt_path, device=device)
+    spec = input_spec(model, config)
+    datamodule = build_datamodule(cfg, config, spec)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    if split not in datamodule.datasets:
+        raise ConfigurationError(
+            f"split={split!r}: dataset '{datamodule.source.name}' has the splits "
+            f"{sorted(datamodule.datasets)}"
+        )
+    log.info(
+        "Evaluating %s on %s/%s (%s)", ckpt_path, datamodule.source.name, split, datamodule.sizes()
+    )
+
+    dataset = datamodule.datasets[split]
+    # Always the evaluation transform (the train split's own one augments).
+    dataset.transform = build_eval_transform(spec.image_size, spec.mean, spec.std)
+    loader = DataLoader(
+        dataset,
+        batch_size=int(cfg.batch_size),
+        shuffle=False,
+        num_workers=int(cfg.num_workers),
+        pin_memory=device == "cuda",
+    )
+    probs, targets, source_ids = predict(model, loader, device, tta=bool(cfg.get("tta", False)))
+    records = datamodule.splits[split]
+    names = datamodule.source_names
+
+    metrics = compute_metrics(probs, targets, source_ids, names, split)
+    write_metrics_json(output_dir / "metrics.json", metrics)
+    write_predictions(output_dir / "predictions.csv", records, probs, targets)
+    plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
+    write_report(
+        output_dir / "report.md",
+        metrics,
+        split,
+        {
+            "checkpoint": str(Path(ckpt_path).resolve()),
+            "backbone": str(model.hparams.get("backbone")),
+            "dataset": f"{datamodule.source.name} ({', '.join(names)})",
+            "split": f"{split} ({len(records)} images)",
+            "data sizes": ", ".join(f"{k}={v}" for k, v in datamodule.sizes().items()),
+            "input": f"{spec.image_size} px, cache {spec.preprocess.size} px, "
+            f"crop_fundus={spec.preprocess.crop_fundus}",
+            "tta": "identity + hflip + vflip" if cfg.get("tta") else "off",
+        },
+        plots,
+    )
+    print_table(metrics, split)
+    log.info("Evaluation written to %s", output_dir)
+    return {
+        k: float("nan") if v is None else float(v)
+        for k, v in metrics.items()
+        if v is None or isinstance(v, (int, float))
+    }
+
+
+def build_datamodule(cfg: DictConfig, config: dict, spec: InputSpec) -> FundusDataModule:
+    """The checkpoint's own data config, or `cfg.data`, with the checkpoint's preprocessing.
+
+    Batch size, workers and the cache folder are this machine's (the stored cache_dir may point
+    at the training machine); preprocessing keys are the checkpoint's so the inputs match.
+    """
+    if cfg.get("data") is not None:
+        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    elif config.get("data"):
+        data = OmegaConf.create(config["data"])
+    else:
+        raise ConfigurationError(
+            "the checkpoint stores no data config; pass the dataset: data=<name> data.root=<dir>"
+        )
+    overrides = {
+        "batch_size": int(cfg.batch_size),
+        "num_workers": int(cfg.num_workers),
+        "cache_dir": str(cfg.paths.cache_dir),
+        "image_size": spec.image_size,
+        "cache_size": spec.preprocess.size,
+        "crop_fundus": spec.preprocess.crop_fundus,
+        "ben_graham": spec.preprocess.ben_graham,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return instantiate(data)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, loader: DataLoader, device: str, tta: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """Softmax probabilities per task (N, C), labels per task (N,) and source ids (N,).
+
+    With ``tta`` the probabilities are the mean over identity, horizontal and vertical flips
+    (fundus photographs have no canonical orientation, so every flip is a valid view).
+    """
+    probs: dict[str, list[Tensor]] = {t: [] for t in TASKS}
+    targets: dict[str, list[Tensor]] = {t: [] for t in TASKS}
+    sources: list[Tensor] = []
+    for batch in loader:
+        images = batch["image"].to(device)
+        views = [images, images.flip(3), images.flip(2)] if tta else [images]
+        summed: dict[str, Tensor] = {}
+        for view in views:
+            logits = model(view)
+            for task in TASKS:
+                p = logits[task].float().softmax(dim=1)
+                summed[task] = summed[task] + p if task in summed else p
+        for task in TASKS:
+            probs[task].append((summed[task] / len(views)).cpu())
+            targets[task].append(batch[task].cpu())
+        sources.append(torch.as_tensor(batch["source"]).cpu())
+    return (
+        {t: torch.cat(v) for t, v in probs.items()},
+        {t: torch.cat(v) for t, v in targets.items()},
+        torch.cat(sources),
+    )
+
+
+def compute_metrics(
+    probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    source_ids: Tensor,
+    source_names: list[str],
+    split: str = "test",
+) -> dict[str, Any]:
+    """All metrics of the report, flat; None where undefined (see the module docstring)."""
+    out: dict[str, Any] = _task_metrics(probs, targets, split)
+    for task, num_classes in TASKS.items():
+        target, prob = targets[task], probs[task]
+        labelled = target != IGNORE_INDEX
+        prefix = f"{split}/referable_{task}"
+        out.update(_referable_metrics(prob, target, REFERABLE_FROM[task], prefix))
+        ece = None
+        if bool(labelled.any()):
+            calibration = MulticlassCalibrationError(
+                num_classes=num_classes, n_bins=ECE_BINS, norm="l1"
+            )
+            ece = float(calibration(prob[labelled], target[labelled]))
+        out[f"{split}/ece_{task}"] = ece
+    if len(source_names) > 1:
+        for index, name in enumerate(source_names):
+            mask = source_ids == index
+            if bool(mask.any()):
+                out.update(
+                    _task_metrics(
+                        {t: p[mask] for t, p in probs.items()},
+                        {t: v[mask] for t, v in targets.items()},
+                        f"{split}/{name}",
+                    )
+                )
+    return out
+
+
+def _task_metrics(
+    probs: dict[str, Tensor], targets: dict[str, Tensor], prefix: str
+) -> dict[str, Any]:
+    """`MultiTaskMetrics` (the training metrics) plus confusion matrices, NaN → None.
+
+    A grade with no labelled sample gets a per-class accuracy of None: torchmetrics reports 0
+    for 0/0, which would read as "every such image was missed".
+    """
+    metrics = MultiTaskMetrics(prefix)
+    metrics.update(probs, targets)
+    out: dict[str, Any] = {k: _number(v) for k, v in metrics.compute().items()}
+    for task, task_metrics in metrics.per_task.items():
+        if task_metrics.confusion.update_called:
+            matrix = task_metrics.confusion.compute()
+            out[f"{prefix}/confusion_{task}"] = matrix.tolist()
+            for k, support in enumerate(matrix.sum(dim=1).tolist()):
+                if support == 0:
+                    out[f"{prefix}/per_class_acc_{task}_{k}"] = None
+        else:
+            out[f"{prefix}/confusion_{task}"] = None
+    return out
+
+
+def _referable_metrics(prob: Tensor, target: Tensor, threshold: int, prefix: str) -> dict:
+    """Sensitivity/specificity of "predicted grade >= threshold"; AUROC of P(grade >= threshold)."""
+    labelled = target != IGNORE_INDEX
+    out: dict[str, Any] = {f"{prefix}_{m}": None for m in ("sensitivity", "specificity", "auroc")}
+    if not bool(labelled.any()):
+        return out
+    truth = (target[labelled] >= threshold).long()
+    score = prob[labelled][:, threshold:].sum(dim=1)
+    decision = (prob[labelled].argmax(dim=1) >= threshold).long()
+    positives, negatives = int(truth.sum()), int((1 - truth).sum())
+    if positives:
+        out[f"{prefix}_sensitivity"] = float(BinaryRecall()(decision, truth))
+    if negatives:
+        out[f"{prefix}_specificity"] = float(BinarySpecificity()(decision, truth))
+    if positives and negatives:
+        out[f"{prefix}_auroc"] = float(BinaryAUROC()(score, truth))
+    return out
+
+
+def _number(value: Any) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) or math.isinf(number) else number
+
+
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
+    path.write_text(json.dumps(metrics, indent=2))
+
+
+def write_predictions(
+    path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
+) -> None:
+    """predictions.csv: image, source, true/predicted grades and every probability."""
+    columns = ["image", "source", "dr_true", "dme_true", "dr_pred", "dme_pred"]
+    columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
+    preds = {t: p.argmax(dim=1) for t, p in probs.items()}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for i, record in enumerate(records):
+            row = [str(record.image), record.source]
+            row += [int(targets["dr"][i]), int(targets["dme"][i])]
+            row += [int(preds["dr"][i]), int(preds["dme"][i])]
+            row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
+            writer.writerow(row)
+
+
+def write_eval_plots(
+    plots: Path,
+    metrics: dict[str, Any],
+    probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    split: str,
+) -> list[Path]:
+    """Confusion matrix per task and the ROC curve of referable DR / DME."""
+    import matplotlib.pyplot as plt  # visioncare.plots has already selected the Agg backend
+
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task, num_classes in TASKS.items():
+        matrix = metrics.get(f"{split}/confusion_{task}")
+        if matrix is not None:
+            names = [f"{task.upper()} {k}" for k in range(num_classes)]
+            target = plots / f"confusion_{task}.png"
+            written.append(plot_confusion_matrix(matrix, f"{split} {task.upper()}", target, names))
+        auroc = metrics.get(f"{split}/referable_{task}_auroc")
+        if auroc is None:
+            continue
+        threshold = REFERABLE_FROM[task]
+        labelled = targets[task] != IGNORE_INDEX
+        truth = (targets[task][labelled] >= threshold).long()
+        score = probs[task][labelled][:, threshold:].sum(dim=1)
+        fpr, tpr, _ = BinaryROC()(score, truth)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"AUROC {auroc:.3f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"Referable {task.upper()} (grade >= {threshold}), {split}")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = plots / f"roc_referable_{task}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def write_report(
+    path: Path, metrics: dict[str, Any], split: str, facts: dict[str, str], plots: list[Path]
+) -> None:
+    """report.md: what was evaluated, then the metrics per task as Markdown tables."""
+    lines = ["# VisionCare evaluation", ""]
+    lines += [
+        f"- **{k}**: `{v}`" if k == "checkpoint" else f"- **{k}**: {v}" for k, v in facts.items()
+    ]
+    lines += ["", "## Overall", "", "| metric | value |", "|---|---:|"]
+    for name in ("avg_acc", "joint_acc"):
+        lines.append(f"| {name} | {_fmt(metrics.get(f'{split}/{name}'))} |")
+    for task, num_classes in TASKS.items():
+        lines += ["", f"## {task.upper()}", "", "| metric | value |", "|---|---:|"]
+        names = ["acc", "f1", "qwk", "ece", "num"]
+        names += [f"per_class_acc_{task}_{k}" for k in range(num_classes)]
+        for name in names:
+            key = f"{split}/{name}" if name.startswith("per_class") else f"{split}/{name}_{task}"
+            value = metrics.get(key)
+            shown = str(int(value)) if name == "num" and value is not None else _fmt(value)
+            lines.append(f"| {key.split('/', 1)[1]} | {shown} |")
+        for m in ("sensitivity", "specificity", "auroc"):
+            key = f"{split}/referable_{task}_{m}"
+            lines.append(
+                f"| referable (>= {REFERABLE_FROM[task]}) {m} | {_fmt(metrics.get(key))} |"
+            )
+        matrix = metrics.get(f"{split}/confusion_{task}")
+        if matrix is not None:
+            lines += ["", "Confusion matrix (rows = true grade, columns = predicted):", ""]
+            lines.append(
+                "| true \\ pred | " + " | ".join(str(k) for k in range(num_classes)) + " |"
+            )
+            lines.append("|---" * (num_classes + 1) + "|")
+            for k, row in enumerate(matrix):
+                lines.append(f"| {k} | " + " | ".join(str(int(v)) for v in row) + " |")
+    per_source = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2})
+    if per_source:
+        lines += ["", "## Per source", "", "| source | " + " | ".join(HEADLINE) + " |"]
+        lines.append("|---" * (len(HEADLINE) + 1) + "|")
+        for source in per_source:
+            values = [_fmt(metrics.get(f"{split}/{source}/{m}")) for m in HEADLINE]
+            lines.append(f"| {source} | " + " | ".join(values) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- plots/{p.name}" for p in plots]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def print_table(metrics: dict[str, Any], split: str, console: Console | None = None) -> None:
+    """The headline numbers, once, at the end of the run."""
+    table = Table(title=f"VisionCare — {split} evaluation")
+    table.add_column("metric")
+    table.add_column(split, justify="right")
+    keys = [*HEADLINE, "ece_dr", "ece_dme"]
+    keys += [f"referable_{t}_{m}" for t in TASKS for m in ("sensitivity", "specificity", "auroc")]
+    for name in keys:
+        table.add_row(name, _fmt(metrics.get(f"{split}/{name}")))
+    (console or Console()).print(table)

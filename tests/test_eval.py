@@ -1,0 +1,311 @@
+"""`src/eval.py` / `evaluate`: metrics.json re-checked by hand from predictions.csv.
+
+One tiny checkpoint (model=tiny, one epoch) is trained once for the module; each metric is then
+re-computed here with plain numpy from predictions.csv, so a wrong wiring of torchmetrics (an
+ignored -1, a micro/macro mix-up, a flipped ROC) cannot hide behind the same library.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.errors import ConfigurationError
+from visioncare.evaluation import compute_metrics, evaluate
+from visioncare.training import train
+
+TASKS = {"dr": 5, "dme": 3}
+REFERABLE_FROM = {"dr": 2, "dme": 1}
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, synthetic_root: Path, cache_dir: Path) -> Path:
+    """best.ckpt of a one-epoch `model=tiny` run on the small synthetic set."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = _compose(
+        "train",
+        [
+            *TINY_OVERRIDES,
+            *SYNTHETIC_OVERRIDES,
+            f"data.root={synthetic_root}",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.log_dir={tmp / 'logs'}",
+            "trainer.max_epochs=1",
+            "logger=none",
+            "test=false",
+        ],
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp / "run")
+    train(cfg)
+    return tmp / "run" / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture
+def eval_cfg(tmp_path: Path, cache_dir: Path, ckpt: Path) -> Callable[..., DictConfig]:
+    """conf/eval.yaml for the shared checkpoint; the run dir is tmp_path/run. No `model=`."""
+
+    def _make(*extra: str) -> DictConfig:
+        cfg = _compose(
+            "eval",
+            [
+                f"ckpt_path={ckpt}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.log_dir={tmp_path / 'logs'}",
+                "num_workers=0",
+                "batch_size=8",
+                *extra,
+            ],
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    return _make
+
+
+def _read_predictions(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    out = {k: np.array(v) for k, v in columns.items() if k in ("image", "source")}
+    for key, values in columns.items():
+        if key not in out:
+            out[key] = np.array([float(v) for v in values])
+    return out
+
+
+# ------------------------------------------------------------------ independent computations
+def _confusion(y: np.ndarray, p: np.ndarray, n: int) -> np.ndarray:
+    matrix = np.zeros((n, n), dtype=int)
+    for t, q in zip(y, p, strict=True):
+        matrix[int(t), int(q)] += 1
+    return matrix
+
+
+def _macro_f1(m: np.ndarray) -> float:
+    """Mean F1 over the grades that occur in labels or predictions (torchmetrics' convention)."""
+    tp = np.diag(m).astype(float)
+    fp, fn = m.sum(0) - tp, m.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=present)
+    return float(f1[present].mean())
+
+
+def _qwk(m: np.ndarray) -> float:
+    n = m.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    weights = (i - j) ** 2 / (n - 1) ** 2
+    expected = np.outer(m.sum(1), m.sum(0)) / m.sum()
+    denominator = (weights * expected).sum()
+    return 0.0 if denominator == 0 else float(1 - (weights * m).sum() / denominator)
+
+
+def _auroc(truth: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney: mean rank of the positives (ties get their average rank)."""
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    sorted_scores = score[order]
+    i = 0
+    while i < len(score):
+        j = i
+        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    pos, neg = int(truth.sum()), int((1 - truth).sum())
+    return float((ranks[truth == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def _close(actual: float | None, expected: float | None, tol: float = 1e-5) -> bool:
+    if expected is None or actual is None:
+        return actual is expected
+    return abs(actual - expected) <= tol
+
+
+def _check_against_hand(
+    metrics: dict, pred: dict[str, np.ndarray], prefix: str, full: bool = True
+) -> None:
+    """Every metric of ``prefix`` against numpy; ``full`` adds referable and ECE metrics."""
+    accs, both = [], None
+    for task, n in TASKS.items():
+        y, p = pred[f"{task}_true"].astype(int), pred[f"{task}_pred"].astype(int)
+        probs = np.stack([pred[f"{task}_prob_{k}"] for k in range(n)], axis=1)
+        assert np.allclose(probs.sum(1), 1, atol=1e-5)
+        assert (probs.argmax(1) == p).all()
+        keep = y >= 0
+        right = (y == p) | ~keep
+        both = right if both is None else both & right
+        y, p, probs = y[keep], p[keep], probs[keep]
+        if not keep.any():  # a task without labels: everything undefined
+            assert metrics[f"{prefix}/acc_{task}"] is None
+            assert metrics[f"{prefix}/confusion_{task}"] is None
+            if full:
+                assert metrics[f"{prefix}/referable_{task}_auroc"] is None
+                assert metrics[f"{prefix}/ece_{task}"] is None
+            continue
+        m = _confusion(y, p, n)
+        assert metrics[f"{prefix}/confusion_{task}"] == m.tolist()
+        assert _close(metrics[f"{prefix}/acc_{task}"], float((y == p).mean()))
+        accs.append(float((y == p).mean()))
+        assert _close(metrics[f"{prefix}/f1_{task}"], _macro_f1(m))
+        assert _close(metrics[f"{prefix}/qwk_{task}"], _qwk(m), 1e-4)
+        for k in range(n):
+            support = int((y == k).sum())
+            expected = float(((p == k) & (y == k)).sum() / support) if support else None
+            assert _close(metrics[f"{prefix}/per_class_acc_{task}_{k}"], expected)
+        if not full:
+            continue
+        truth = (y >= REFERABLE_FROM[task]).astype(int)
+        decision = (p >= REFERABLE_FROM[task]).astype(int)
+        pos, neg = int(truth.sum()), int((1 - truth).sum())
+        sens = float((decision[truth == 1]).mean()) if pos else None
+        spec = float((1 - decision[truth == 0]).mean()) if neg else None
+        auroc = _auroc(truth, probs[:, REFERABLE_FROM[task] :].sum(1)) if pos and neg else None
+        assert _close(metrics[f"{prefix}/referable_{task}_sensitivity"], sens)
+        assert _close(metrics[f"{prefix}/referable_{task}_specificity"], spec)
+        assert _close(metrics[f"{prefix}/referable_{task}_auroc"], auroc, 1e-4)
+        # ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin size.
+        confidence = probs.max(1)
+        bins = np.clip(np.ceil(confidence * 15) - 1, 0, 14).astype(int)
+        ece = sum(
+            abs((p[bins == b] == y[bins == b]).mean() - confidence[bins == b].mean())
+            * (bins == b).mean()
+            for b in range(15)
+            if (bins == b).any()
+        )
+        assert _close(metrics[f"{prefix}/ece_{task}"], float(ece), 1e-4)
+    labelled_all = (pred["dr_true"] >= 0) & (pred["dme_true"] >= 0)
+    joint = float(both[labelled_all].mean()) if labelled_all.any() else None
+    assert _close(metrics[f"{prefix}/joint_acc"], joint)
+    assert _close(metrics[f"{prefix}/avg_acc"], float(np.mean(accs)) if accs else None)
+
+
+def test_compute_metrics_partial_labels_and_sources():
+    """Random probabilities, -1 labels and two sources (one without DME grades) vs numpy."""
+    rng = np.random.default_rng(0)
+    n = 120
+    probs = {
+        t: torch.softmax(torch.tensor(rng.normal(0, 2, (n, c))), 1).float()
+        for t, c in TASKS.items()
+    }
+    targets = {t: torch.tensor(rng.integers(0, c, n)) for t, c in TASKS.items()}
+    targets["dr"][rng.random(n) < 0.2] = -1
+    sources = torch.tensor((np.arange(n) % 2).astype(int))
+    targets["dme"][sources == 1] = -1  # e.g. APTOS: DR grades only
+    metrics = compute_metrics(probs, targets, sources, ["idrid", "aptos"], "test")
+    json.dumps(metrics)  # plain JSON values only (None, not NaN)
+
+    def arrays(mask: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for task, c in TASKS.items():
+            out[f"{task}_true"] = targets[task].numpy()[mask]
+            out[f"{task}_pred"] = probs[task].argmax(1).numpy()[mask]
+            for k in range(c):
+                out[f"{task}_prob_{k}"] = probs[task][:, k].numpy().astype(float)[mask]
+        return out
+
+    everything = np.ones(n, dtype=bool)
+    _check_against_hand(metrics, arrays(everything), "test")
+    for index, name in enumerate(["idrid", "aptos"]):
+        _check_against_hand(metrics, arrays(sources.numpy() == index), f"test/{name}", full=False)
+    assert metrics["test/aptos/acc_dme"] is None and metrics["test/idrid/acc_dme"] is not None
+
+
+# ------------------------------------------------------------------ tests
+def test_metrics_match_independent_computation(eval_cfg):
+    cfg = eval_cfg()
+    returned = evaluate(cfg)
+    run = Path(cfg.paths.output_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    pred = _read_predictions(run / "predictions.csv")
+    assert len(pred["image"]) == 16  # data.num_test of the checkpoint's own (stored) config
+
+    for task, n in TASKS.items():
+        for key in ("acc", "f1", "qwk", "ece", "num", "confusion"):
+            assert f"test/{key}_{task}" in metrics
+        for m in ("sensitivity", "specificity", "auroc"):
+            assert f"test/referable_{task}_{m}" in metrics
+        assert all(f"test/per_class_acc_{task}_{k}" in metrics for k in range(n))
+    assert "test/joint_acc" in metrics and "test/avg_acc" in metrics
+    assert returned["test/acc_dr"] == pytest.approx(metrics["test/acc_dr"])
+
+    _check_against_hand(metrics, pred, "test")
+
+    assert (run / "report.md").read_text().count("|") > 20
+    assert "test_efficientnet" in (run / "report.md").read_text()  # trained with model=tiny
+    assert (run / "plots" / "confusion_dr.png").is_file()
+    assert (run / "plots" / "confusion_dme.png").is_file()
+    for task in TASKS:
+        roc = run / "plots" / f"roc_referable_{task}.png"
+        assert roc.is_file() == (metrics[f"test/referable_{task}_auroc"] is not None)
+
+
+def test_tta_changes_probabilities_keeps_keys(eval_cfg, tmp_path):
+    plain_cfg = eval_cfg()
+    evaluate(plain_cfg)
+    run = Path(plain_cfg.paths.output_dir)
+    plain = json.loads((run / "metrics.json").read_text())
+    plain_pred = _read_predictions(run / "predictions.csv")
+    tta_cfg = eval_cfg("tta=true")
+    with open_dict(tta_cfg):
+        tta_cfg.paths.output_dir = str(tmp_path / "tta")
+    evaluate(tta_cfg)
+    tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
+    tta_pred = _read_predictions(tmp_path / "tta" / "predictions.csv")
+    assert set(tta) == set(plain)
+    assert (tta_pred["image"] == plain_pred["image"]).all()
+    assert not np.allclose(tta_pred["dr_prob_0"], plain_pred["dr_prob_0"], atol=1e-7)
+
+
+def test_data_override_keeps_checkpoint_preprocessing(eval_cfg, synthetic_root, tmp_path):
+    """data=synthetic says image_size=128; the checkpoint's 64 px input must win."""
+    cfg = eval_cfg("data=synthetic", f"data.root={synthetic_root}", *SYNTHETIC_OVERRIDES)
+    assert cfg.data.image_size == 128
+    evaluate(cfg)
+    report = (Path(cfg.paths.output_dir) / "report.md").read_text()
+    assert "64 px, cache 72 px" in report
+
+
+def test_absent_ckpt_path_is_a_configuration_error(eval_cfg, tmp_path):
+    absent = tmp_path / "nope.ckpt"
+    with pytest.raises(ConfigurationError, match=r"nope\.ckpt"):
+        evaluate(eval_cfg(f"ckpt_path={absent}"))
+
+
+def test_cli_missing_ckpt_path_and_real_run(ckpt: Path, cache_dir: Path, tmp_path: Path):
+    env = {**os.environ, "VISIONCARE_ROOT": str(ROOT), "PYTHONPATH": str(ROOT / "src")}
+    log_dir = tmp_path / "logs"
+    base = [sys.executable, str(ROOT / "src" / "eval.py"), f"paths.log_dir={log_dir}"]
+    missing = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2, missing.stderr
+    assert "ckpt_path" in missing.stderr and "Traceback" not in missing.stderr
+
+    args = [f"ckpt_path={ckpt}", f"paths.cache_dir={cache_dir}", "num_workers=0"]
+    result = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = list((log_dir / "eval" / "runs").glob("*/metrics.json"))
+    assert len(found) == 1
+    assert "test/qwk_dr" in json.loads(found[0].read_text())
+    assert (found[0].parent / ".hydra" / "config.yaml").is_file()
