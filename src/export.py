@@ -1,0 +1,27 @@
+"""Export a checkpoint: `python src/export.py ckpt_path=<ckpt> output_dir=<dir>`.
+
+See conf/export.yaml for the options and `visioncare.export` for the logic.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from visioncare.export import export  # noqa: E402
+from visioncare.utils.hydra import register_resolvers, run_task  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="export")
+def main(cfg: DictConfig) -> None:
+    run_task(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Export (`src/export.py`): ONNX parity with PyTorch, safetensors reload, preprocessing.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+from safetensors.torch import load_file
+
+from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.export import (
+    OUTPUT_NAMES,
+    ExportMismatchError,
+    _plain_net,
+    check_onnx,
+    export,
+    export_onnx,
+)
+from visioncare.inference import load_model
+from visioncare.models.net import TwoHeadNet
+from visioncare.training import train
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic_root, cache_dir) -> tuple[Path, Path, dict]:
+    """A tiny checkpoint exported once for the module: (checkpoint, export dir, task result)."""
+    run = tmp_path_factory.mktemp("export_train")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
+                "trainer.max_epochs=1", "logger=none", "test=false",
+                f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}",
+                f"paths.log_dir={run / 'logs'}",
+            ],
+        )  # fmt: skip
+        export_cfg = compose(
+            config_name="export",
+            overrides=[f"ckpt_path={run / 'run/checkpoints/best.ckpt'}", f"output_dir={run / 'x'}"],
+        )
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run / "run")
+    train(cfg)
+    result = export(export_cfg)
+    return run / "run" / "checkpoints" / "best.ckpt", run / "x", result
+
+
+def test_export_writes_all_files(exported):
+    _, out, result = exported
+    for name in ("model.onnx", "model.safetensors", "preprocessing.json"):
+        assert (out / name).is_file(), name
+    assert result["onnx_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_onnx_matches_pytorch(exported, batch):
+    ckpt, out, _ = exported
+    model, _ = load_model(ckpt)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    images = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+    dr, dme = session.run(OUTPUT_NAMES, {"image": images.numpy()})
+    assert dr.shape == (batch, 5) and dme.shape == (batch, 3)
+    with torch.no_grad():
+        expected = model(images)
+    assert np.abs(dr - expected["dr"].numpy()).max() < 1e-4
+    assert np.abs(dme - expected["dme"].numpy()).max() < 1e-4
+
+
+def test_safetensors_reload_into_a_fresh_net(exported):
+    ckpt, out, _ = exported
+    model, _ = load_model(ckpt)
+    info = json.loads((out / "preprocessing.json").read_text())
+    fresh = TwoHeadNet(backbone=info["backbone"], pretrained=False).eval()
+    fresh.load_state_dict(load_file(str(out / "model.safetensors")))
+    reference = model.net.to(memory_format=torch.contiguous_format)  # same conv kernels as fresh
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        got, expected = fresh(images), reference(images)
+    for task in ("dr", "dme"):
+        assert torch.equal(got[task], expected[task])
+
+
+def test_preprocessing_json(exported):
+    _, out, _ = exported
+    info = json.loads((out / "preprocessing.json").read_text())
+    assert info["image_size"] == 64 and len(info["mean"]) == 3 and len(info["std"]) == 3
+    assert info["preprocess"]["size"] == 72
+    assert info["class_names"] == {
+        "dr": [f"DR {k}" for k in range(5)], "dme": [f"DME {k}" for k in range(3)],
+    }  # fmt: skip
+    assert info["output_names"] == ["dr_logits", "dme_logits"] and info["input_name"] == "image"
+
+
+def test_cli_reports_the_difference(exported, tmp_path):
+    ckpt, _, _ = exported
+    command = [
+        sys.executable, "src/export.py", f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'cli'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "max abs difference" in done.stdout + done.stderr
+    assert (tmp_path / "cli" / "model.onnx").is_file()
+
+
+def test_a_wrong_graph_fails_the_check(exported, tmp_path):
+    """The check must catch a graph that is not the network (here: other weights)."""
+    ckpt, _, _ = exported
+    model, _ = load_model(ckpt)
+    net = _plain_net(model.net)
+    export_onnx(net, tmp_path / "m.onnx", image_size=64)
+    with torch.no_grad():
+        net.heads["dr"][1].bias += 1.0
+    with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
+        check_onnx(net, tmp_path / "m.onnx", image_size=64)

@@ -1,0 +1,169 @@
+"""Batch prediction (`src/predict.py`): inputs, error rows, probabilities, Grad-CAM overlays."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from tests.conftest import CONF, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.errors import ConfigurationError
+from visioncare.inference import ImagePreprocessor, input_spec, load_model
+from visioncare.prediction import csv_columns, find_target_layer, predict
+from visioncare.training import train
+
+NUM_IMAGES = 5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root, cache_dir) -> tuple[Path, list[Path]]:
+    """One tiny checkpoint for the module, and a few test images of the synthetic set."""
+    run = tmp_path_factory.mktemp("predict_train")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
+                "trainer.max_epochs=1", "logger=none", "test=false",
+                f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}",
+                f"paths.log_dir={run / 'logs'}",
+            ],
+        )  # fmt: skip
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run / "run")
+    train(cfg)
+    images = sorted(
+        p for p in Path(synthetic_root).rglob("*") if p.suffix.lower() in (".jpg", ".png")
+    )
+    assert len(images) >= NUM_IMAGES
+    return run / "run" / "checkpoints" / "best.ckpt", images[:NUM_IMAGES]
+
+
+def _cfg(tmp_path: Path, ckpt: Path, source: str | Path, *extra: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="predict",
+            overrides=[
+                f"ckpt_path={ckpt}", f"input={source}", "num_workers=0", "batch_size=2",
+                "device=cpu", f"paths.log_dir={tmp_path / 'logs'}", *extra,
+            ],
+        )  # fmt: skip
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == csv_columns()
+        return list(reader)
+
+
+def _folder(tmp_path: Path, images: list[Path]) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(images):
+        target = folder / ("sub" if i % 2 else "") / f"img{i}{image.suffix.upper()}"
+        shutil.copy(image, target)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_folder_input_with_corrupt_file(tmp_path, trained):
+    ckpt, images = trained
+    folder = _folder(tmp_path, images)
+    result = predict(_cfg(tmp_path, ckpt, folder))
+    rows = _read(Path(result["output"]))
+    assert Path(result["output"]) == tmp_path / "run" / "predictions.csv"
+    assert len(rows) == NUM_IMAGES + 1  # .txt skipped, corrupt file kept with its error
+    broken = [r for r in rows if r["image"].endswith("broken.jpg")]
+    assert len(broken) == 1 and broken[0]["error"] and broken[0]["dr_grade"] == ""
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == NUM_IMAGES
+    for row in good:
+        dr = [float(row[f"dr_prob_{k}"]) for k in range(5)]
+        dme = [float(row[f"dme_prob_{k}"]) for k in range(3)]
+        assert sum(dr) == pytest.approx(1, abs=1e-4) and sum(dme) == pytest.approx(1, abs=1e-4)
+        assert int(row["dr_grade"]) == max(range(5), key=dr.__getitem__)
+        assert int(row["dme_grade"]) == max(range(3), key=dme.__getitem__)
+        assert int(row["referable_dr"]) == int(sum(dr[2:]) >= 0.5)
+
+
+def test_glob_and_csv_inputs(tmp_path, trained):
+    ckpt, images = trained
+    folder = _folder(tmp_path, images)
+    result = predict(_cfg(tmp_path, ckpt, f"{folder}/sub/*.*", "output=glob.csv"))
+    rows = _read(Path(result["output"]))
+    assert len(rows) == NUM_IMAGES // 2 and not any(r["error"] for r in rows)
+
+    listing = folder / "list.csv"
+    listing.write_text("image,note\nimg0" + images[0].suffix.upper() + ",a\nsub/img1"
+                       + images[1].suffix.upper() + ",b\n")  # fmt: skip
+    result = predict(_cfg(tmp_path, ckpt, listing, f"output={tmp_path / 'out' / 'csv.csv'}"))
+    rows = _read(tmp_path / "out" / "csv.csv")
+    assert [Path(r["image"]).name for r in rows] == [
+        f"img0{images[0].suffix.upper()}", f"img1{images[1].suffix.upper()}",
+    ]  # fmt: skip
+    assert not any(r["error"] for r in rows)
+
+    with pytest.raises(ConfigurationError, match="nothing-here"):
+        predict(_cfg(tmp_path, ckpt, tmp_path / "nothing-here" / "*.jpg"))
+
+
+def test_predictions_match_the_models_forward(tmp_path, trained):
+    ckpt, images = trained
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    copies = [
+        Path(shutil.copy(image, folder / f"{i}_{image.name}")) for i, image in enumerate(images)
+    ]
+    result = predict(_cfg(tmp_path, ckpt, folder, "batch_size=3"))
+    rows = {Path(r["image"]).name: r for r in _read(Path(result["output"]))}
+    model, config = load_model(ckpt)
+    preprocessor = ImagePreprocessor(input_spec(model, config))
+    for image in copies:
+        with torch.no_grad():
+            logits = model(preprocessor(image)[None])
+        row = rows[image.name]
+        for task, n in (("dr", 5), ("dme", 3)):
+            expected = logits[task].softmax(dim=1)[0]
+            got = torch.tensor([float(row[f"{task}_prob_{k}"]) for k in range(n)])
+            assert torch.allclose(got, expected, atol=1e-5)
+            assert int(row[f"{task}_grade"]) == int(expected.argmax())
+
+
+def test_explain_writes_overlays_of_the_input_size(tmp_path, trained):
+    ckpt, images = trained
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for image in images[:2]:
+        shutil.copy(image, folder / image.name)
+    predict(_cfg(tmp_path, ckpt, folder, "explain=true"))
+    for image in images[:2]:
+        height, width = cv2.imread(str(image)).shape[:2]
+        for task in ("dr", "dme"):
+            overlay = cv2.imread(str(tmp_path / "run" / "gradcam" / f"{image.stem}_{task}.png"))
+            assert overlay is not None and overlay.shape == (height, width, 3)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "expected"), [("test_efficientnet", "bn2"), ("resnet18", "layer4")]
+)
+def test_gradcam_target_is_the_last_spatial_feature_map(backbone, expected):
+    net = timm.create_model(backbone, pretrained=False, num_classes=0)
+    layer = find_target_layer(net, image_size=64)
+    assert [name for name, module in net.named_modules() if module is layer] == [expected]
