@@ -25,6 +25,7 @@ from omegaconf import DictConfig, open_dict
 from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import compute_metrics, evaluate
+from visioncare.prediction import predict
 from visioncare.training import train
 
 TASKS = {"dr": 5, "dme": 3}
@@ -309,3 +310,30 @@ def test_cli_missing_ckpt_path_and_real_run(ckpt: Path, cache_dir: Path, tmp_pat
     assert len(found) == 1
     assert "test/qwk_dr" in json.loads(found[0].read_text())
     assert (found[0].parent / ".hydra" / "config.yaml").is_file()
+
+
+def test_predict_csv_equals_what_eval_scores(eval_cfg, ckpt, tmp_path):
+    """predict.py on the test images gives exactly the probabilities eval.py scored."""
+    evaluate(eval_cfg())
+    scored = _read_predictions(tmp_path / "run" / "predictions.csv")
+    listing = tmp_path / "test_images.csv"
+    listing.write_text("image\n" + "\n".join(str(p) for p in scored["image"]) + "\n")
+    cfg = _compose(
+        "predict",
+        [
+            f"ckpt_path={ckpt}", f"input={listing}", "num_workers=0", "device=cpu",
+            f"paths.log_dir={tmp_path / 'plogs'}",
+        ],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "prun")
+    predict(cfg)
+    with open(tmp_path / "prun" / "predictions.csv", newline="") as handle:
+        rows = {str(Path(r["image"]).resolve()): r for r in csv.DictReader(handle)}
+    assert all(r["error"] == "" for r in rows.values())
+    probs = [f"dr_prob_{k}" for k in range(5)] + [f"dme_prob_{k}" for k in range(3)]
+    for i, image in enumerate(scored["image"]):
+        row = rows[str(Path(image).resolve())]
+        got = np.array([float(row[c]) for c in probs])
+        np.testing.assert_allclose(got, [scored[c][i] for c in probs], atol=1e-5)
+        assert int(row["dr_grade"]) == scored["dr_pred"][i]
