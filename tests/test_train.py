@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
@@ -45,6 +46,11 @@ def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cac
     ]:  # fmt: skip
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # Grad-CAM previews of 4 validation images, one per task, also sent to TensorBoard.
+    assert len(list((run / "plots" / "gradcam").glob("*.png"))) == 8
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len([t for t in events.Tags()["images"] if t.startswith("gradcam/")]) == 8
 
     rows = _rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # one row per epoch

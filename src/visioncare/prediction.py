@@ -305,6 +305,18 @@ def write_gradcam(
     return written
 
 
+def gradcam_examples(
+    model: nn.Module, spec: InputSpec, paths: Sequence[Path], out_dir: Path
+) -> list[Path]:
+    """Grad-CAM overlays of a few images for the predicted grades (end-of-training preview)."""
+    device = next(model.parameters()).device
+    preprocessor = ImagePreprocessor(spec)
+    with torch.no_grad():
+        logits = model.eval()(torch.stack([preprocessor(p) for p in paths]).to(device))
+    probs = {task: value.softmax(dim=1).cpu() for task, value in logits.items()}
+    return write_gradcam(model, spec, paths, probs, [""] * len(paths), out_dir, device)
+
+
 # --------------------------------------------------------------------------- task
 
 

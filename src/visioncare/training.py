@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
+from visioncare.inference import input_spec
+from visioncare.prediction import gradcam_examples
 from visioncare.utils.checkpoints import resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.precision import resolve_precision
@@ -57,6 +60,23 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
         value = OmegaConf.select(cfg, key)
         values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return values
+
+
+def log_gradcam_to_tensorboard(
+    model: Any, datamodule: Any, loggers: list, output_dir: Path, count: int
+) -> None:
+    """Grad-CAM overlays of the first validation images, to `plots/gradcam/` and TensorBoard."""
+    records = datamodule.splits.get("val", [])[:count]
+    if not records:
+        return
+    spec = input_spec(model, model.run_config or {})
+    paths = [r.image for r in records]
+    written = gradcam_examples(model, spec, paths, output_dir / "plots" / "gradcam")
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for path in written:
+                image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+                logger.experiment.add_image(f"gradcam/{path.stem}", image, dataformats="HWC")
 
 
 def refuse_multirun_ddp(cfg: DictConfig) -> None:
@@ -133,6 +153,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             output_dir / "summary.json", best_epoch, best_metrics, test_metrics, datamodule.sizes()
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
+        log_gradcam_to_tensorboard(
+            model, datamodule, loggers, output_dir, cfg.get("gradcam_images", 4)
+        )
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 hp_metrics = {
