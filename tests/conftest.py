@@ -11,6 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from visioncare.training import train
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
@@ -39,6 +41,37 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, cache_dir: Path
+) -> Path:
+    """best.ckpt of one epoch of `model=tiny` on the small synthetic set, trained once per session.
+
+    Shared read-only by the eval, predict and export tests.
+    """
+    tmp = tmp_path_factory.mktemp("tiny_checkpoint")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                *TINY_OVERRIDES,
+                *SYNTHETIC_OVERRIDES,
+                f"data.root={synthetic_root}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.log_dir={tmp / 'logs'}",
+                "trainer.max_epochs=1",
+                "logger=none",
+                "test=false",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp / "run")
+    train(cfg)
+    return tmp / "run" / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture

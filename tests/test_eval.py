@@ -22,11 +22,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import compute_metrics, evaluate
 from visioncare.prediction import predict
-from visioncare.training import train
 
 TASKS = {"dr": 5, "dme": 3}
 REFERABLE_FROM = {"dr": 2, "dme": 1}
@@ -41,26 +40,9 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, synthetic_root: Path, cache_dir: Path) -> Path:
+def ckpt(tiny_checkpoint: Path) -> Path:
     """best.ckpt of a one-epoch `model=tiny` run on the small synthetic set."""
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = _compose(
-        "train",
-        [
-            *TINY_OVERRIDES,
-            *SYNTHETIC_OVERRIDES,
-            f"data.root={synthetic_root}",
-            f"paths.cache_dir={cache_dir}",
-            f"paths.log_dir={tmp / 'logs'}",
-            "trainer.max_epochs=1",
-            "logger=none",
-            "test=false",
-        ],
-    )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "run")
-    train(cfg)
-    return tmp / "run" / "checkpoints" / "best.ckpt"
+    return tiny_checkpoint
 
 
 @pytest.fixture

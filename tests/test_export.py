@@ -13,10 +13,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 from safetensors.torch import load_file
 
-from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.conftest import CONF, ROOT
 from visioncare.export import (
     OUTPUT_NAMES,
     ExportMismatchError,
@@ -27,34 +26,20 @@ from visioncare.export import (
 )
 from visioncare.inference import load_model
 from visioncare.models.net import TwoHeadNet
-from visioncare.training import train
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_root, cache_dir) -> tuple[Path, Path, dict]:
-    """A tiny checkpoint exported once for the module: (checkpoint, export dir, task result)."""
-    run = tmp_path_factory.mktemp("export_train")
+def exported(tmp_path_factory, tiny_checkpoint) -> tuple[Path, Path, dict]:
+    """The shared tiny checkpoint exported once for the module: (checkpoint, export dir, result)."""
+    out = tmp_path_factory.mktemp("export") / "x"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
-                "trainer.max_epochs=1", "logger=none", "test=false",
-                f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}",
-                f"paths.log_dir={run / 'logs'}",
-            ],
-        )  # fmt: skip
         export_cfg = compose(
             config_name="export",
-            overrides=[f"ckpt_path={run / 'run/checkpoints/best.ckpt'}", f"output_dir={run / 'x'}"],
+            overrides=[f"ckpt_path={tiny_checkpoint}", f"output_dir={out}"],
         )
     GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run / "run")
-    train(cfg)
-    result = export(export_cfg)
-    return run / "run" / "checkpoints" / "best.ckpt", run / "x", result
+    return tiny_checkpoint, out, export(export_cfg)
 
 
 def test_export_writes_all_files(exported):

@@ -14,39 +14,22 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from tests.conftest import CONF, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.conftest import CONF
 from visioncare.errors import ConfigurationError
 from visioncare.inference import ImagePreprocessor, input_spec, load_model
 from visioncare.prediction import csv_columns, find_target_layer, predict
-from visioncare.training import train
 
 NUM_IMAGES = 5
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic_root, cache_dir) -> tuple[Path, list[Path]]:
+def trained(tiny_checkpoint, synthetic_root) -> tuple[Path, list[Path]]:
     """One tiny checkpoint for the module, and a few test images of the synthetic set."""
-    run = tmp_path_factory.mktemp("predict_train")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES,
-                "trainer.max_epochs=1", "logger=none", "test=false",
-                f"data.root={synthetic_root}", f"paths.cache_dir={cache_dir}",
-                f"paths.log_dir={run / 'logs'}",
-            ],
-        )  # fmt: skip
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run / "run")
-    train(cfg)
     images = sorted(
         p for p in Path(synthetic_root).rglob("*") if p.suffix.lower() in (".jpg", ".png")
     )
     assert len(images) >= NUM_IMAGES
-    return run / "run" / "checkpoints" / "best.ckpt", images[:NUM_IMAGES]
+    return tiny_checkpoint, images[:NUM_IMAGES]
 
 
 def _cfg(tmp_path: Path, ckpt: Path, source: str | Path, *extra: str) -> DictConfig:
