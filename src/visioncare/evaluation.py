@@ -51,7 +51,7 @@ from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
 from visioncare.inference import InputSpec, input_spec, load_model
 from visioncare.metrics import MultiTaskMetrics
-from visioncare.plots import plot_confusion_matrix
+from visioncare.plots import plot_confusion_matrix, plot_roc
 from visioncare.utils.checkpoints import resolve_ckpt_path
 
 log = logging.getLogger("visioncare")
@@ -305,8 +305,6 @@ def write_eval_plots(
     split: str,
 ) -> list[Path]:
     """Confusion matrix per task and the ROC curve of referable DR / DME."""
-    import matplotlib.pyplot as plt  # visioncare.plots has already selected the Agg backend
-
     plots.mkdir(parents=True, exist_ok=True)
     written = []
     for task, num_classes in TASKS.items():
@@ -323,18 +321,9 @@ def write_eval_plots(
         truth = (targets[task][labelled] >= threshold).long()
         score = probs[task][labelled][:, threshold:].sum(dim=1)
         fpr, tpr, _ = BinaryROC()(score, truth)
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.plot(fpr.numpy(), tpr.numpy(), label=f"AUROC {auroc:.3f}")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set_xlabel("1 - specificity")
-        ax.set_ylabel("sensitivity")
-        ax.set_title(f"Referable {task.upper()} (grade >= {threshold}), {split}")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
+        title = f"Referable {task.upper()} (grade >= {threshold}), {split}"
         path = plots / f"roc_referable_{task}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(plot_roc(fpr.numpy(), tpr.numpy(), auroc, title, path))
     return written
 
 

@@ -26,6 +26,15 @@ CURVES = {
 }
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write as a 100-dpi PNG (creating the folder) and free the figure."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
     """Rows of metrics.csv as floats (empty cells dropped)."""
     with open(path, newline="") as handle:
@@ -53,11 +62,7 @@ def plot_curves(rows: Sequence[dict[str, float]], out_dir: str | Path) -> list[P
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"{name}.png"))
     return written
 
 
@@ -81,8 +86,16 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def plot_roc(fpr: np.ndarray, tpr: np.ndarray, auroc: float, title: str, path: str | Path) -> Path:
+    """ROC curve with its AUROC, axes named as clinicians read them."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUROC {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
