@@ -104,3 +104,20 @@ def make_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable[
         return cfg
 
     return _make
+
+
+def predict_cfg(tmp_path: Path, ckpt: Path, source: str | Path, *extra: str) -> DictConfig:
+    """conf/predict.yaml for ``ckpt`` on ``source``: CPU, no workers, outputs under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="predict",
+            overrides=[
+                f"ckpt_path={ckpt}", f"input={source}", "num_workers=0", "batch_size=2",
+                "device=cpu", f"paths.log_dir={tmp_path / 'logs'}", *extra,
+            ],
+        )  # fmt: skip
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file
 
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, predict_cfg
+from visioncare.errors import ConfigurationError
 from visioncare.export import (
     OUTPUT_NAMES,
     ExportMismatchError,
@@ -26,6 +29,7 @@ from visioncare.export import (
 )
 from visioncare.inference import load_model
 from visioncare.models.net import TwoHeadNet
+from visioncare.prediction import predict
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,44 @@ def test_a_wrong_graph_fails_the_check(exported, tmp_path):
         net.heads["dr"][1].bias += 1.0
     with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
         check_onnx(net, tmp_path / "m.onnx", image_size=64)
+
+
+def _photos(synthetic_root: Path, count: int = 4) -> list[Path]:
+    images = sorted(p for p in synthetic_root.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    assert len(images) >= count
+    return images[:count]
+
+
+def _probabilities(csv_path: Path) -> np.ndarray:
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [c for c in rows[0] if "_prob_" in c]
+    return np.array([[float(row[c]) for c in columns] for row in rows])
+
+
+def test_predict_with_the_onnx_export_matches_the_checkpoint(exported, synthetic_root, tmp_path):
+    """predict.py takes model.onnx (+ preprocessing.json) and agrees with the checkpoint."""
+    ckpt, out, _ = exported
+    photos = _photos(synthetic_root)
+    listing = tmp_path / "list.csv"
+    listing.write_text("image\n" + "".join(f"{p}\n" for p in photos))
+    from_ckpt = predict(predict_cfg(tmp_path / "ckpt", ckpt, listing))
+    from_onnx = predict(predict_cfg(tmp_path / "onnx", out / "model.onnx", listing))
+    expected = _probabilities(Path(from_ckpt["output"]))
+    got = _probabilities(Path(from_onnx["output"]))
+    assert got.shape == (len(photos), 8)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_onnx_predict_needs_preprocessing_json_and_refuses_gradcam(
+    exported, synthetic_root, tmp_path
+):
+    _, out, _ = exported
+    photos = _photos(synthetic_root, 1)
+    with pytest.raises(ConfigurationError, match="explain=true needs the PyTorch checkpoint"):
+        predict(predict_cfg(tmp_path, out / "model.onnx", photos[0], "explain=true"))
+    lonely = tmp_path / "alone" / "model.onnx"
+    lonely.parent.mkdir()
+    shutil.copy(out / "model.onnx", lonely)
+    with pytest.raises(ConfigurationError, match=r"preprocessing\.json is missing"):
+        predict(predict_cfg(tmp_path, lonely, photos[0]))

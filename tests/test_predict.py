@@ -10,11 +10,8 @@ import cv2
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
 
-from tests.conftest import CONF
+from tests.conftest import predict_cfg
 from visioncare.errors import ConfigurationError
 from visioncare.inference import ImagePreprocessor, input_spec, load_model
 from visioncare.prediction import csv_columns, find_target_layer, predict
@@ -30,22 +27,6 @@ def trained(tiny_checkpoint, synthetic_root) -> tuple[Path, list[Path]]:
     )
     assert len(images) >= NUM_IMAGES
     return tiny_checkpoint, images[:NUM_IMAGES]
-
-
-def _cfg(tmp_path: Path, ckpt: Path, source: str | Path, *extra: str) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="predict",
-            overrides=[
-                f"ckpt_path={ckpt}", f"input={source}", "num_workers=0", "batch_size=2",
-                "device=cpu", f"paths.log_dir={tmp_path / 'logs'}", *extra,
-            ],
-        )  # fmt: skip
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    return cfg
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -69,7 +50,7 @@ def _folder(tmp_path: Path, images: list[Path]) -> Path:
 def test_folder_input_with_corrupt_file(tmp_path, trained):
     ckpt, images = trained
     folder = _folder(tmp_path, images)
-    result = predict(_cfg(tmp_path, ckpt, folder))
+    result = predict(predict_cfg(tmp_path, ckpt, folder))
     rows = _read(Path(result["output"]))
     assert Path(result["output"]) == tmp_path / "run" / "predictions.csv"
     assert len(rows) == NUM_IMAGES + 1  # .txt skipped, corrupt file kept with its error
@@ -89,14 +70,14 @@ def test_folder_input_with_corrupt_file(tmp_path, trained):
 def test_glob_and_csv_inputs(tmp_path, trained):
     ckpt, images = trained
     folder = _folder(tmp_path, images)
-    result = predict(_cfg(tmp_path, ckpt, f"{folder}/sub/*.*", "output=glob.csv"))
+    result = predict(predict_cfg(tmp_path, ckpt, f"{folder}/sub/*.*", "output=glob.csv"))
     rows = _read(Path(result["output"]))
     assert len(rows) == NUM_IMAGES // 2 and not any(r["error"] for r in rows)
 
     listing = folder / "list.csv"
     listing.write_text("image,note\nimg0" + images[0].suffix.upper() + ",a\nsub/img1"
                        + images[1].suffix.upper() + ",b\n")  # fmt: skip
-    result = predict(_cfg(tmp_path, ckpt, listing, f"output={tmp_path / 'out' / 'csv.csv'}"))
+    result = predict(predict_cfg(tmp_path, ckpt, listing, f"output={tmp_path / 'out' / 'csv.csv'}"))
     rows = _read(tmp_path / "out" / "csv.csv")
     assert [Path(r["image"]).name for r in rows] == [
         f"img0{images[0].suffix.upper()}", f"img1{images[1].suffix.upper()}",
@@ -104,7 +85,7 @@ def test_glob_and_csv_inputs(tmp_path, trained):
     assert not any(r["error"] for r in rows)
 
     with pytest.raises(ConfigurationError, match="nothing-here"):
-        predict(_cfg(tmp_path, ckpt, tmp_path / "nothing-here" / "*.jpg"))
+        predict(predict_cfg(tmp_path, ckpt, tmp_path / "nothing-here" / "*.jpg"))
 
 
 def test_predictions_match_the_models_forward(tmp_path, trained):
@@ -114,7 +95,7 @@ def test_predictions_match_the_models_forward(tmp_path, trained):
     copies = [
         Path(shutil.copy(image, folder / f"{i}_{image.name}")) for i, image in enumerate(images)
     ]
-    result = predict(_cfg(tmp_path, ckpt, folder, "batch_size=3"))
+    result = predict(predict_cfg(tmp_path, ckpt, folder, "batch_size=3"))
     rows = {Path(r["image"]).name: r for r in _read(Path(result["output"]))}
     model, config = load_model(ckpt)
     preprocessor = ImagePreprocessor(input_spec(model, config))
@@ -135,7 +116,7 @@ def test_explain_writes_overlays_of_the_input_size(tmp_path, trained):
     folder.mkdir()
     for image in images[:2]:
         shutil.copy(image, folder / image.name)
-    predict(_cfg(tmp_path, ckpt, folder, "explain=true"))
+    predict(predict_cfg(tmp_path, ckpt, folder, "explain=true"))
     for image in images[:2]:
         height, width = cv2.imread(str(image)).shape[:2]
         for task in ("dr", "dme"):

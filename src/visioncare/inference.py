@@ -1,12 +1,15 @@
-"""Rebuild a trained model and its preprocessing from a checkpoint alone.
+"""Rebuild a trained model and its preprocessing from a checkpoint, or from an ONNX export.
 
 Evaluation, prediction and export never consult today's config defaults: the checkpoint carries
 the composed run config (`visioncare_config`) and the backbone's data config, so a model trained
-with `model=tiny` or any other backbone, image size or crop setting is rebuilt exactly.
+with `model=tiny` or any other backbone, image size or crop setting is rebuilt exactly. An
+exported `model.onnx` travels with `preprocessing.json`, which plays the same role for
+`OnnxNet`, the onnxruntime stand-in for the network.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from visioncare import TASKS
 from visioncare.data.preprocess import PreprocessConfig, preprocess
 from visioncare.data.transforms import build_eval_transform
+from visioncare.errors import ConfigurationError
 from visioncare.models.module import VisionCareModule
 from visioncare.utils.checkpoints import check_visioncare_checkpoint
 
@@ -41,6 +46,16 @@ class InputSpec:
             "layout": "NCHW",
             "scale": "pixel / 255, then (x - mean) / std",
         }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> InputSpec:
+        """The inverse of `as_dict` (extra keys, such as the export's output names, ignored)."""
+        return cls(
+            image_size=int(values["image_size"]),
+            mean=tuple(float(v) for v in values["mean"]),
+            std=tuple(float(v) for v in values["std"]),
+            preprocess=PreprocessConfig(**values["preprocess"]),
+        )
 
 
 def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[VisionCareModule, dict]:
@@ -85,3 +100,52 @@ class ImagePreprocessor:
     def __call__(self, path: str | Path) -> torch.Tensor:
         image: np.ndarray = preprocess(path, self.spec.preprocess)
         return self.transform(image=image)["image"]
+
+
+class OnnxNet:
+    """An exported `model.onnx` run by onnxruntime, called like the network: images → logits.
+
+    `predict.py ckpt_path=<export>/model.onnx` uses it, so a deployment can be checked with the
+    very file it will serve. Inputs are NCHW float32 tensors; outputs are CPU tensors per task.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [f"{task}_logits" for task in TASKS]
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feed = {self.input_name: images.detach().cpu().float().numpy()}
+        outputs = self.session.run(self.output_names, feed)
+        return {task: torch.from_numpy(out) for task, out in zip(TASKS, outputs, strict=True)}
+
+
+def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec]:
+    """`OnnxNet` and the `InputSpec` from the `preprocessing.json` written beside it by export."""
+    model_path = Path(path).expanduser()
+    spec_path = model_path.with_name("preprocessing.json")
+    if not model_path.is_file():
+        raise ConfigurationError(f"ckpt_path={str(path)!r} does not exist")
+    if not spec_path.is_file():
+        raise ConfigurationError(
+            f"{spec_path} is missing: an ONNX model needs the preprocessing.json that "
+            "`python src/export.py` writes beside model.onnx (copy both together)"
+        )
+    try:
+        spec = InputSpec.from_dict(json.loads(spec_path.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigurationError(
+            f"{spec_path} is not a VisionCare preprocessing file ({error}); re-run export"
+        ) from None
+    try:
+        net = OnnxNet(model_path, device)
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        raise ConfigurationError(
+            f"onnxruntime could not load {model_path}: {error}. Re-run `python src/export.py`."
+        ) from None
+    return net, spec

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import glob
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader, Dataset
 from visioncare import TASKS
 from visioncare.data.preprocess import UnreadableImageError, read_image
 from visioncare.errors import ConfigurationError
-from visioncare.inference import ImagePreprocessor, InputSpec, input_spec, load_model
+from visioncare.inference import (
+    ImagePreprocessor,
+    InputSpec,
+    OnnxNet,
+    input_spec,
+    load_model,
+    load_onnx,
+)
 
 log = logging.getLogger("visioncare")
 
@@ -149,19 +156,22 @@ def _rows(
 
 
 def predict_paths(
-    model: nn.Module,
+    model: Callable[[Tensor], dict[str, Tensor]],
     spec: InputSpec,
     paths: Sequence[Path],
     batch_size: int = 16,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """Softmax probabilities per task (rows of failed files are NaN) and per-file error texts."""
+    """Softmax probabilities per task (rows of failed files are NaN) and per-file error texts.
+
+    ``model`` maps a batch of images to logits per task: a `VisionCareModule` already in eval
+    mode on ``device``, or an `OnnxNet`.
+    """
     dataset = _ImageFiles(paths, ImagePreprocessor(spec))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     probs = {task: torch.full((len(paths), n), float("nan")) for task, n in TASKS.items()}
     errors = [""] * len(paths)
-    model = model.eval().to(device)
     with _progress() as progress, torch.inference_mode():
         bar = progress.add_task("Predicting", total=len(paths))
         for images, indices, messages in loader:
@@ -325,15 +335,30 @@ def _resolve_output(path: str, output_dir: Path) -> Path:
     return target if target.is_absolute() else output_dir / target
 
 
+def load_predictor(
+    ckpt_path: str, device: torch.device, explain: bool = False
+) -> tuple[Callable[[Tensor], dict[str, Tensor]], InputSpec]:
+    """The model and its input spec from a checkpoint (.ckpt) or an exported `model.onnx`."""
+    if Path(ckpt_path).suffix.lower() == ".onnx":
+        if explain:
+            raise ConfigurationError(
+                "explain=true needs the PyTorch checkpoint (Grad-CAM takes gradients through "
+                "the network); pass ckpt_path=<run>/checkpoints/best.ckpt or explain=false"
+            )
+        return load_onnx(ckpt_path, str(device))
+    model, config = load_model(ckpt_path, device=str(device))
+    return model, input_spec(model, config)
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """The `predict` task: checkpoint + input → CSV (+ Grad-CAM overlays with explain=true)."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(str(cfg.get("device", "auto")))
-    model, config = load_model(cfg.ckpt_path, device=str(device))
-    spec = input_spec(model, config)
+    model, spec = load_predictor(str(cfg.ckpt_path), device, explain=bool(cfg.get("explain")))
     paths = collect_images(cfg.input)
-    log.info("Predicting %d image(s) on %s", len(paths), device)
+    engine = "onnxruntime" if isinstance(model, OnnxNet) else "PyTorch"
+    log.info("Predicting %d image(s) on %s with %s", len(paths), device, engine)
     probs, errors = predict_paths(
         model, spec, paths, int(cfg.batch_size), int(cfg.num_workers), device
     )
