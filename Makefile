@@ -32,8 +32,8 @@ test: $(STAMP) ## Run the whole test suite (slow tests included)
 test-fast: $(STAMP) ## Run the tests without the slow ones
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP) ## Run the benchmarks in bench/ (report, not tests)
-	$(BIN)/python bench/data_loading.py $(ARGS)
+bench: $(STAMP) ## Run the benchmarks in bench/ (report, not tests); ARGS="--only inference"
+	$(BIN)/python bench/run_all.py $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .

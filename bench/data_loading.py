@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import timm
 import torch
+from common import Row, machine_line, print_table, save_rows
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -43,7 +42,7 @@ from visioncare.data.records import Record
 from visioncare.data.synthetic import render_fundus
 from visioncare.data.transforms import AugmentConfig, build_train_transform
 from visioncare.models.net import TwoHeadNet
-from visioncare.utils.precision import cpu_has_native_bf16, resolve_precision
+from visioncare.utils.precision import resolve_precision
 
 IDRID_WIDTH, IDRID_HEIGHT = 4288, 2848  # Kowa VX-10α, as IDRiD ships them
 RENDER_SIZE = 1024  # rendering at full size would take far longer than the benchmark itself
@@ -62,20 +61,6 @@ TARGET_RATIO = 5.0
 
 # Valid (DR, DME) pairs, cycled so the photographs show the whole range of lesion loads.
 GRADES = ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (3, 2), (4, 1), (4, 2))
-
-
-@dataclass
-class Row:
-    """One line of the report: a measurement, its result and, where there is one, its budget."""
-
-    name: str
-    result: str
-    target: str = ""
-    passed: bool | None = None
-
-    @property
-    def verdict(self) -> str:
-        return "" if self.passed is None else ("PASS" if self.passed else "FAIL")
 
 
 # ------------------------------------------------------------------------------- test images
@@ -226,35 +211,6 @@ def model_throughput(steps: int) -> tuple[float, str]:
 # ------------------------------------------------------------------------------- report
 
 
-def print_table(rows: Sequence[Row]) -> None:
-    headers = ("Measurement", "Result", "Target", "")
-    widths = [
-        max(len(headers[0]), *(len(r.name) for r in rows)),
-        max(len(headers[1]), *(len(r.result) for r in rows)),
-        max(len(headers[2]), *(len(r.target) for r in rows)),
-        4,
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    print(line(headers))
-    print(line(["-" * w for w in widths]))
-    for row in rows:
-        print(line((row.name, row.result, row.target, row.verdict)))
-
-
-def _cpu_name() -> str:
-    """The CPU model, so numbers from different machines are not compared by mistake."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Data-loading benchmark on IDRiD-sized JPEGs (a report: always exits 0)."
@@ -268,6 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=IDRID_EPOCH,
         help=f"samples per warm epoch (default {IDRID_EPOCH}, one IDRiD training epoch)",
     )
+    parser.add_argument("--json", help="append the rows to this JSON-lines file (run_all.py)")
     args = parser.parse_args(argv)
     if args.images < 1 or args.workers < 0 or args.steps < 1 or args.epoch_size < 1:
         parser.error("need --images >= 1, --workers >= 0, --steps >= 1, --epoch-size >= 1")
@@ -277,11 +234,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.perf_counter()
-    print(
-        f"VisionCare data-loading benchmark — {_cpu_name()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"OpenCV {cv2.__version__}, native bf16: {cpu_has_native_bf16()}"
-    )
+    print(f"VisionCare data-loading benchmark — {machine_line()}, OpenCV {cv2.__version__}")
     with tempfile.TemporaryDirectory(prefix="visioncare-bench-") as tmp:
         start = time.perf_counter()
         paths = make_images(Path(tmp) / "images", args.images)
@@ -326,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     ]
     print_table(rows)
+    save_rows(args.json, "Data loading", rows)
     per_epoch_decode = decode_ms / max(args.workers, 1)
     print(
         f"\nDecoding the originals every epoch instead would cost ≈{per_epoch_decode:.0f} ms/image "

@@ -1,0 +1,183 @@
+"""Benchmark: peak memory of training at the default settings.
+
+Runs the real command, `python src/train.py`, in a child process with the default config
+(EfficientNetV2-S, the synthetic set at its default size, batch 16, 2 loader workers) changed only
+where the measurement needs it: a temporary data/log folder, a few batches, and
+`unfreeze_step=0` so every layer trains from the first step (the last unfreezing stage, the
+memory peak of a run). Reported:
+
+* **Peak RSS of the training process**: `memory/rss_mb` from the run's `metrics.csv` (the
+  process's own `ru_maxrss`, as every training run logs it).
+* **Peak PSS of the whole process tree**: the trainer plus its DataLoader workers, sampled every
+  ``--interval`` seconds from `/proc/<pid>/smaps_rollup`. PSS splits pages shared between the
+  forked workers and the trainer, so the sum is what the run really occupies (RSS would count
+  them once per process).
+* **Peak GPU memory**: `memory/gpu_peak_mb` from `metrics.csv` when training ran on a GPU.
+
+``--image-size 224`` adds a run at another resolution (224 px: the IDRiD presets' input).
+A report, not a test: always exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from common import ROOT, Row, compose_config, machine_line, print_table, save_rows
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(child) for child in task.read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size of one process in MiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+class TreeSampler(threading.Thread):
+    """Samples the summed PSS of a process tree until the root process exits."""
+
+    def __init__(self, process: subprocess.Popen, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.process = process
+        self.interval = interval
+        self.peak_mb = 0.0
+        self.peak_processes = 0
+
+    def run(self) -> None:
+        while self.process.poll() is None:
+            pids = process_tree(self.process.pid)
+            total = sum(pss_mb(pid) for pid in pids)
+            if total > self.peak_mb:
+                self.peak_mb, self.peak_processes = total, len(pids)
+            time.sleep(self.interval)
+
+
+def train_run(tmp: Path, image_size: int | None, args: argparse.Namespace) -> dict[str, float]:
+    """One short `src/train.py` run; peak figures from its metrics.csv and the sampler."""
+    label = f"{image_size}px" if image_size else "default"
+    run_dir = tmp / f"run-{label}"
+    overrides = [
+        f"data.root={tmp / 'synthetic'}",  # shared by the runs: generated once
+        f"data.num_train={args.num_train}",
+        "data.num_test=16",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.log_dir={tmp / 'logs'}",
+        f"hydra.run.dir={run_dir}",
+        "unfreeze_step=0",
+        "trainer.max_epochs=1",
+        f"+trainer.limit_train_batches={args.batches}",
+        "+trainer.limit_val_batches=2",
+        "+trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null",
+        "test=false",
+        "gradcam_images=0",
+    ]
+    if image_size:
+        cache = image_size + image_size // 8
+        overrides += [f"data.image_size={image_size}", f"data.cache_size={cache}"]
+    command = [sys.executable, str(ROOT / "src" / "train.py"), *overrides]
+    log_path = tmp / f"train-{label}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(process, args.interval)
+        sampler.start()
+        process.wait()
+        sampler.join()
+    if process.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"training failed (exit {process.returncode}):\n{tail}")
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        row = list(csv.DictReader(handle))[-1]
+    result = {
+        "rss_mb": float(row["memory/rss_mb"]),
+        "tree_pss_mb": sampler.peak_mb,
+        "processes": float(sampler.peak_processes),
+    }
+    if row.get("memory/gpu_peak_mb"):
+        result["gpu_peak_mb"] = float(row["memory/gpu_peak_mb"])
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Peak training memory at the default settings (a report: always exits 0)."
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs="*",
+        default=[],
+        help="extra runs at these input sizes besides the default config's (e.g. 224)",
+    )
+    parser.add_argument("--batches", type=int, default=4, help="training batches per run (4)")
+    parser.add_argument("--num-train", type=int, default=96, help="synthetic training set (96)")
+    parser.add_argument("--interval", type=float, default=0.2, help="sampling period, s (0.2)")
+    parser.add_argument("--json", help="append the rows to this JSON-lines file (run_all.py)")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or args.num_train < 20 or args.interval <= 0:
+        parser.error("need --batches >= 1, --num-train >= 20, --interval > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    print(f"VisionCare memory benchmark — {machine_line()}\n", flush=True)
+    if not Path("/proc/self/smaps_rollup").exists():
+        print("This benchmark reads /proc/<pid>/smaps_rollup (Linux); nothing measured.")
+        return 0
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="visioncare-bench-") as name:
+        defaults = compose_config("train", [], Path(name) / "unused")
+        model, data = defaults.model.backbone, defaults.data
+        for extra_size in [None, *args.image_size]:
+            figures = train_run(Path(name), extra_size, args)
+            what = f"{model} {extra_size or data.image_size} px b{data.batch_size}"
+            if extra_size is None:
+                what += " (the defaults)"
+            rows.append(Row(f"Training process peak RSS, {what}", f"{figures['rss_mb']:.0f} MiB"))
+            rows.append(
+                Row(
+                    f"Whole run peak PSS ({figures['processes']:.0f} processes), {what}",
+                    f"{figures['tree_pss_mb']:.0f} MiB",
+                )
+            )
+            if "gpu_peak_mb" in figures:
+                rows.append(Row(f"Peak GPU memory, {what}", f"{figures['gpu_peak_mb']:.0f} MiB"))
+    print_table(rows)
+    save_rows(args.json, "Memory", rows)
+    print(
+        f"\nEvery layer trainable (unfreeze_step=0), {args.batches} batches per run, "
+        f"{os.cpu_count()} CPUs. Total {time.perf_counter() - began:.0f} s."
+    )
+    return 0  # a report: never enforced through the exit status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
