@@ -1,10 +1,12 @@
 """Epoch metrics against hand-computed values."""
 
 import math
+from types import SimpleNamespace
 
 import torch
 
 from visioncare.metrics import MultiTaskMetrics, mean_f1
+from visioncare.models.module import VisionCareModule
 
 
 def _one_hot_logits(preds, num_classes):
@@ -73,3 +75,38 @@ def test_reset_clears_state():
         {"dr": torch.tensor([1]), "dme": torch.tensor([0])},
     )
     assert metrics.compute()["test/acc_dr"] == 0.0
+
+
+def test_training_epoch_values_are_logged_once_at_the_last_batch():
+    """Train losses/metrics accumulate per step (no per-step logging) and match a hand count."""
+    module = VisionCareModule(backbone="test_efficientnet", channels_last=False).eval()
+    module._trainer = SimpleNamespace(num_training_batches=3, current_epoch=0, global_step=0)
+    logged: list[dict] = []
+    module.log_dict = lambda values, **kwargs: logged.append(dict(values))
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "image": torch.randn(size, 3, 32, 32, generator=generator),
+            "dr": torch.randint(0, 5, (size,), generator=generator),
+            "dme": torch.full((size,), -1),  # DME ungraded all epoch: its metrics must be NaN
+        }
+        for size in (4, 4, 2)
+    ]
+    losses, correct = [], 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = module(batch["image"])
+            total, _ = module.loss_fn(logits, {"dr": batch["dr"], "dme": batch["dme"]})
+            losses.append(float(total) * len(batch["dr"]))
+            correct += int((logits["dr"].argmax(dim=1) == batch["dr"]).sum())
+    for index, batch in enumerate(batches):
+        module.training_step(batch, index)
+        assert len(logged) == (1 if index == 2 else 0)
+    values = {k: float(v) for k, v in logged[0].items()}
+    assert math.isclose(values["train/loss"], sum(losses) / 10, rel_tol=1e-5)
+    assert math.isclose(values["train/acc_dr"], correct / 10, rel_tol=1e-6)
+    assert values["train/num_dr"] == 10 and values["train/num_dme"] == 0
+    assert math.isnan(values["train/acc_dme"]) and math.isnan(values["train/joint_acc"])
+    assert {"loss/sigma_dr", "loss/sigma_dme", "train/f1_dr", "train/loss_dme"} <= set(values)
+    module.on_train_epoch_end()  # already logged at the last batch: nothing more
+    assert len(logged) == 1

@@ -240,7 +240,7 @@ def _task_metrics(
     metrics.update(probs, targets)
     out: dict[str, Any] = {k: _number(v) for k, v in metrics.compute().items()}
     for task, task_metrics in metrics.per_task.items():
-        if task_metrics.confusion.update_called:
+        if task_metrics.labelled():
             matrix = task_metrics.confusion.compute()
             out[f"{prefix}/confusion_{task}"] = matrix.tolist()
             for k, support in enumerate(matrix.sum(dim=1).tolist()):

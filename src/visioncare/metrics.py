@@ -48,17 +48,27 @@ class JointAccuracy(Metric):
 
 
 class _TaskMetrics(nn.Module):
-    """The metric set of one task (accuracy and macro-F1 only when ``full`` is False)."""
+    """The metric set of one task (accuracy, macro-F1 and the confusion counts when not ``full``).
+
+    Without ``full`` (training) the inputs are not validated: torchmetrics' checks read values
+    back to the host, a GPU synchronisation at every step.
+    """
 
     def __init__(self, num_classes: int, full: bool = True) -> None:
         super().__init__()
-        kwargs = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX}
+        kwargs = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX, "validate_args": full}
         self.acc = MulticlassAccuracy(average="micro", **kwargs)
         self.f1 = MulticlassF1Score(average="macro", **kwargs)
+        self.confusion = MulticlassConfusionMatrix(**kwargs)
         if full:
             self.per_class_acc = MulticlassAccuracy(average=None, **kwargs)
             self.qwk = MulticlassCohenKappa(weights="quadratic", **kwargs)
-            self.confusion = MulticlassConfusionMatrix(**kwargs)
+
+    def labelled(self) -> int:
+        """Graded samples seen so far (all DDP ranks together); ungraded (-1) ones are ignored."""
+        if not self.confusion.update_called:
+            return 0
+        return int(self.confusion.compute().sum())
 
 
 class MultiTaskMetrics(nn.Module):
@@ -67,24 +77,26 @@ class MultiTaskMetrics(nn.Module):
     Args:
         split: prefix of the metric names.
         tasks: task name → number of classes.
-        full: all metrics; False keeps accuracy, macro-F1 and joint accuracy (cheap, for
-            training, where Lightning computes and resets them itself at epoch end).
+        full: all metrics; False keeps accuracy, macro-F1 and joint accuracy, without input
+            validation (cheap enough for every training step).
     """
 
     def __init__(self, split: str, tasks: dict[str, int] | None = None, full: bool = True) -> None:
         super().__init__()
         self.split = split
+        self.full = full
         self.tasks = dict(tasks or TASKS)
         self.per_task = nn.ModuleDict({t: _TaskMetrics(n, full) for t, n in self.tasks.items()})
         self.joint = JointAccuracy()
 
     def update(self, logits: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
+        # No host-side checks here (they would synchronise a GPU every step): ungraded samples
+        # are dropped by each metric's ignore_index, and `compute` reports NaN for a task whose
+        # confusion matrix stayed empty.
         preds = {t: logits[t].argmax(dim=1) for t in self.tasks}
         for task, metrics in self.per_task.items():
-            target = targets[task]
-            if bool((target != IGNORE_INDEX).any()):
-                for metric in metrics.children():
-                    metric.update(preds[task], target)
+            for metric in metrics.children():
+                metric.update(preds[task], targets[task])
         self.joint.update(preds, targets)
 
     def compute(self) -> dict[str, float]:
@@ -92,20 +104,22 @@ class MultiTaskMetrics(nn.Module):
         split, out = self.split, {}
         accs = []
         for task, metrics in self.per_task.items():
-            labelled = metrics.confusion.update_called
+            # How many graded images the split's metrics cover (all ranks together under DDP).
+            count = metrics.labelled()
+            labelled = count > 0
             nan = float("nan")
             acc = float(metrics.acc.compute()) if labelled else nan
             out[f"{split}/acc_{task}"] = acc
             out[f"{split}/f1_{task}"] = float(metrics.f1.compute()) if labelled else nan
-            out[f"{split}/qwk_{task}"] = _finite_kappa(metrics.qwk.compute()) if labelled else nan
-            per_class = metrics.per_class_acc.compute() if labelled else None
-            for k in range(self.tasks[task]):
-                value = float(per_class[k]) if per_class is not None else nan
-                out[f"{split}/per_class_acc_{task}_{k}"] = value
+            if self.full:
+                qwk = _finite_kappa(metrics.qwk.compute()) if labelled else nan
+                out[f"{split}/qwk_{task}"] = qwk
+                per_class = metrics.per_class_acc.compute() if labelled else None
+                for k in range(self.tasks[task]):
+                    value = float(per_class[k]) if per_class is not None else nan
+                    out[f"{split}/per_class_acc_{task}_{k}"] = value
             if labelled:
                 accs.append(acc)
-            # How many graded images the split's metrics cover (all ranks together under DDP).
-            count = int(metrics.confusion.compute().sum()) if labelled else 0
             out[f"{split}/num_{task}"] = float(count)
         out[f"{split}/avg_acc"] = sum(accs) / len(accs) if accs else float("nan")
         out[f"{split}/joint_acc"] = float(self.joint.compute())

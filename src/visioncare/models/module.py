@@ -9,12 +9,14 @@ scheduler state keep one shape across stages and resumes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
 
 from visioncare import TASKS
 from visioncare.errors import ConfigurationError, TrainingDivergedError
@@ -24,6 +26,9 @@ from visioncare.models.net import TwoHeadNet
 
 # Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
 # stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
+# On an accelerator, steps between host-side checks for a non-finite loss (each check syncs).
+NONFINITE_CHECK_STEPS = 25
+
 BACKBONE_CHUNKS: tuple[tuple[str, float, float], ...] = (
     ("backbone_top", 0.0, 0.25),
     ("backbone_mid", 0.25, 0.5),
@@ -73,6 +78,12 @@ class VisionCareModule(L.LightningModule):
         self.compile_net = compile
         # Attributes, not a ModuleDict: a "train" key would shadow nn.Module.train.
         self.train_metrics = MultiTaskMetrics("train", full=False)
+        # Epoch means of the training losses (their states are not saved in checkpoints).
+        names = ["loss", *(f"loss_{task}" for task in TASKS)]
+        self.train_losses = nn.ModuleDict(
+            {name: MeanMetric(nan_strategy="disable") for name in names}
+        )
+        self._nonfinite: Tensor | None = None  # per loss: non-finite since the last check
         self.val_metrics = MultiTaskMetrics("val")
         self.test_metrics = MultiTaskMetrics("test")
         # Per-dataset val/test metrics when several sources train together (`configure_sources`).
@@ -119,20 +130,19 @@ class VisionCareModule(L.LightningModule):
         targets = {task: batch[task] for task in TASKS}
         total, task_losses = self.loss_fn(logits, targets)
         batch_size = images.shape[0]
-        log = {f"{split}/loss": total}
-        log.update({f"{split}/loss_{task}": value for task, value in task_losses.items()})
+        detached = {t: v.detach() for t, v in logits.items()}
+        if split == "train":
+            self._accumulate_train(total, task_losses, detached, targets, batch_size)
+            return total, task_losses
         self.log_dict(
-            log,
+            {f"{split}/loss": total, **{f"{split}/loss_{t}": v for t, v in task_losses.items()}},
             on_step=False,
             on_epoch=True,
             batch_size=batch_size,
-            sync_dist=split != "train",
-            prog_bar=False,
+            sync_dist=True,
         )
-        metrics = self.split_metrics(split)
-        detached = {t: v.detach() for t, v in logits.items()}
-        metrics.update(detached, targets)
-        if split != "train" and self.source_metrics:
+        self.split_metrics(split).update(detached, targets)
+        if self.source_metrics:
             for index, name in enumerate(self.source_names):
                 mask = batch["source"] == index
                 if bool(mask.any()):
@@ -140,27 +150,78 @@ class VisionCareModule(L.LightningModule):
                         {t: v[mask] for t, v in detached.items()},
                         {t: v[mask] for t, v in targets.items()},
                     )
-        if split == "train":
-            # Logged as metric objects: Lightning computes and resets them at epoch end, before
-            # callbacks read them (val/test are computed in their epoch-end hooks instead).
-            for task, task_metrics in metrics.per_task.items():
-                for name in ("acc", "f1"):
-                    metric = getattr(task_metrics, name)
-                    self.log(f"train/{name}_{task}", metric, on_step=False, on_epoch=True)
-            self.log("train/joint_acc", metrics.joint, on_step=False, on_epoch=True)
-            for task, sigma in self.loss_fn.task_sigmas().items():
-                self.log(f"loss/sigma_{task}", sigma, on_step=False, on_epoch=True, batch_size=1)
         return total, task_losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        total, task_losses = self.model_step(batch, "train")
-        if not torch.isfinite(total):
-            bad = [task for task, value in task_losses.items() if not torch.isfinite(value)]
+    def _accumulate_train(
+        self,
+        total: Tensor,
+        task_losses: dict[str, Tensor],
+        logits: dict[str, Tensor],
+        targets: dict[str, Tensor],
+        batch_size: int,
+    ) -> None:
+        """Add a training batch to the epoch's running means and metrics, on the device.
+
+        Nothing is logged per step: each `self.log` call costs about 0.5 ms of Python, and ten
+        of them per step were the largest part of the framework's overhead over a plain loop.
+        `_log_train_epoch` logs the epoch's values once, at its last batch.
+        """
+        losses = {"loss": total, **{f"loss_{t}": v for t, v in task_losses.items()}}
+        for name, value in losses.items():
+            # One entry per sample, not weight=batch_size: with nan_strategy="disable" (no host
+            # sync) torchmetrics 1.9 drops the weights (Lightning-AI/torchmetrics#3434).
+            self.train_losses[name].update(value.detach().expand(batch_size))
+        self.train_metrics.update(logits, targets)
+        flags = torch.stack([~torch.isfinite(v.detach()) for v in losses.values()])
+        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
+
+    def _log_train_epoch(self) -> None:
+        """Log the epoch's mean losses, metrics and task sigmas, then reset them."""
+        if not self.train_losses["loss"].update_called:
+            return
+        values: dict[str, Any] = {
+            f"train/{name}": metric.compute() for name, metric in self.train_losses.items()
+        }
+        values.update(self.train_metrics.compute())
+        values.update({f"loss/sigma_{t}": s for t, s in self.loss_fn.task_sigmas().items()})
+        for metric in self.train_losses.values():
+            metric.reset()
+        self.train_metrics.reset()
+        # Values are already reduced over the epoch (and over DDP ranks, by torchmetrics).
+        self.log_dict(values, on_step=False, on_epoch=True, batch_size=1)
+
+    def _check_finite(self, batch_idx: int, last_batch: bool) -> None:
+        """Stop on a non-finite loss before any checkpoint of the diverged weights is written.
+
+        Reading the flags back synchronises an accelerator, so on a GPU they are checked every
+        `NONFINITE_CHECK_STEPS` steps and at the epoch's last batch (checkpoints are saved after
+        it); on the CPU every step, at no cost.
+        """
+        if self._nonfinite is None:
+            return
+        on_cpu = self._nonfinite.device.type == "cpu"
+        if not (on_cpu or last_batch or batch_idx % NONFINITE_CHECK_STEPS == 0):
+            return
+        flags, self._nonfinite = self._nonfinite.tolist(), None
+        if any(flags):
+            # flags: the total, then each task's loss (`_accumulate_train`'s order)
+            bad = [task for task, flag in zip(TASKS, flags[1:], strict=True) if flag]
+            where = f"step {self.global_step}" if on_cpu else f"step {self.global_step} or before"
             raise TrainingDivergedError(
                 f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
-                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is "
-                "kept. Lower model.optimizer.lr or check the input data."
+                f"{self.current_epoch}, {where}; the last good checkpoint is kept. Lower "
+                "model.optimizer.lr or check the input data."
             )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, _ = self.model_step(batch, "train")
+        batches = self._trainer.num_training_batches if self._trainer is not None else math.inf
+        last_batch = batch_idx + 1 >= batches
+        self._check_finite(batch_idx, last_batch)
+        if last_batch:
+            # Here, not in on_train_epoch_end: callbacks that write the epoch's row (metrics.csv)
+            # run before the LightningModule's on_train_epoch_end hook.
+            self._log_train_epoch()
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -173,6 +234,10 @@ class VisionCareModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # The heads' group is first: its LR is the run's reference learning rate.
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        # An epoch cut short (max_steps, an interrupted resume) never reached its last batch.
+        self._log_train_epoch()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
