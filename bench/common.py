@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from visioncare.utils.precision import cpu_has_native_bf16
+from visioncare.utils.accelerator import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

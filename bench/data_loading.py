@@ -42,12 +42,12 @@ from visioncare.data.records import Record
 from visioncare.data.synthetic import render_fundus
 from visioncare.data.transforms import AugmentConfig, build_train_transform
 from visioncare.models.net import TwoHeadNet
-from visioncare.utils.precision import resolve_precision
+from visioncare.utils.accelerator import resolve_precision
 
 IDRID_WIDTH, IDRID_HEIGHT = 4288, 2848  # Kowa VX-10α, as IDRiD ships them
 RENDER_SIZE = 1024  # rendering at full size would take far longer than the benchmark itself
 JPEG_QUALITY = 95
-BACKBONE = "tf_efficientnetv2_s"
+BACKBONE = "tf_efficientnetv2_s"  # conf/model/effv2s.yaml
 IMAGE_SIZE = 224
 CACHE_SIZE = 256
 BATCH_SIZE = 16
@@ -130,7 +130,9 @@ def cold_cache_build(paths: Sequence[Path], root: Path) -> tuple[float, list[Pat
     return elapsed * 1000 / len(paths), [entries[p] for p in paths], os.cpu_count() or 1
 
 
-def warm_epochs(cached: Sequence[Path], workers: int, epoch_size: int) -> tuple[float, float]:
+def warm_epochs(
+    cached: Sequence[Path], workers: int, epoch_size: int, backbone: str = BACKBONE
+) -> tuple[float, float]:
     """Data time of warm epochs: cached copies → training augmentation → batches, no model.
 
     The cached files are listed round-robin up to ``epoch_size`` samples so an epoch lasts long
@@ -145,7 +147,7 @@ def warm_epochs(cached: Sequence[Path], workers: int, epoch_size: int) -> tuple[
         Record(image=Path(f"bench_{i}"), dr=i % 5, dme=0, source="bench", key=str(i))
         for i in range(epoch_size)
     ]
-    pretrained = timm.models.get_pretrained_cfg(BACKBONE)  # mean/std as the backbone expects
+    pretrained = timm.models.get_pretrained_cfg(backbone)  # mean/std as the backbone expects
     transform = build_train_transform(IMAGE_SIZE, pretrained.mean, pretrained.std, AugmentConfig())
     dataset = FundusDataset(records, files, transform, seed=0)
     sampler = EpochSeededSampler(len(dataset), seed=0, shuffle=True)
@@ -170,8 +172,8 @@ def warm_epochs(cached: Sequence[Path], workers: int, epoch_size: int) -> tuple[
     return elapsed * 1000 / images, images / elapsed
 
 
-def model_throughput(steps: int) -> tuple[float, str]:
-    """Training images/s of EfficientNetV2-S at 224 px, batch 16, AdamW, as `train.py` runs it.
+def model_throughput(steps: int, backbone: str = BACKBONE) -> tuple[float, str]:
+    """Training images/s of the backbone (EfficientNetV2-S) at 224 px, b16, AdamW, as in training.
 
     Precision follows `trainer.precision=auto` on the CPU: bf16 autocast only where the CPU has
     native bf16 (emulated bf16 is an order of magnitude slower than fp32).
@@ -180,7 +182,7 @@ def model_throughput(steps: int) -> tuple[float, str]:
         (images per second, precision used)
     """
     torch.manual_seed(0)
-    net = TwoHeadNet(BACKBONE).to(memory_format=torch.channels_last).train()
+    net = TwoHeadNet(backbone).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
     precision = str(resolve_precision("auto", "cpu"))
     bf16 = precision == "bf16-mixed"
@@ -224,6 +226,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=IDRID_EPOCH,
         help=f"samples per warm epoch (default {IDRID_EPOCH}, one IDRiD training epoch)",
     )
+    parser.add_argument("--backbone", default=BACKBONE, help=f"timm model ({BACKBONE})")
     parser.add_argument("--json", help="append the rows to this JSON-lines file (run_all.py)")
     args = parser.parse_args(argv)
     if args.images < 1 or args.workers < 0 or args.steps < 1 or args.epoch_size < 1:
@@ -247,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = PreprocessConfig(size=CACHE_SIZE)
         preprocess_ms = per_image_ms(paths, lambda p: preprocess(p, config))
         build_ms, cached, threads = cold_cache_build(paths, Path(tmp) / "cache")
-        data_ms, loader_ips = warm_epochs(cached, args.workers, args.epoch_size)
-    model_ips, precision = model_throughput(args.steps)
+        data_ms, loader_ips = warm_epochs(cached, args.workers, args.epoch_size, args.backbone)
+    model_ips, precision = model_throughput(args.steps, args.backbone)
     ratio = loader_ips / model_ips
 
     rows = [
@@ -268,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_ms <= TARGET_DATA_MS,
         ),
         Row(
-            f"Model training, EfficientNetV2-S {IMAGE_SIZE} px b{BATCH_SIZE} ({precision})",
+            f"Model training, {args.backbone} {IMAGE_SIZE} px b{BATCH_SIZE} ({precision})",
             f"{model_ips:.2f} img/s",
         ),
         Row(

@@ -53,9 +53,9 @@ from visioncare.data.datamodule import FundusDataModule
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
 from visioncare.training import train
-from visioncare.utils.precision import cpu_has_native_bf16, resolve_precision
+from visioncare.utils.accelerator import cpu_has_native_bf16, resolve_precision
 
-BACKBONE = "tf_efficientnetv2_s"
+BACKBONE = "tf_efficientnetv2_s"  # conf/model/effv2s.yaml, the default
 EPOCHS = 5  # stages 0, 1, 2, 3, 3
 STAGE_NAMES = ("heads", "top 25 %", "top 50 %", "all")
 LR, WEIGHT_DECAY, CLIP_NORM = 3e-4, 1e-2, 1.0  # conf/model/effv2s.yaml, conf/trainer/default.yaml
@@ -73,12 +73,14 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 class PlainLoop:
     """What a researcher would write by hand: model, loss, AdamW, clipping, autocast, a for loop."""
 
-    def __init__(self, device: torch.device, precision: str, channels_last: bool) -> None:
+    def __init__(
+        self, backbone: str, device: torch.device, precision: str, channels_last: bool
+    ) -> None:
         torch.manual_seed(0)
         self.device = device
         self.dtype = autocast_dtype(precision)
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = TwoHeadNet(BACKBONE).to(device, memory_format=self.layout).train()
+        self.net = TwoHeadNet(backbone).to(device, memory_format=self.layout).train()
         self.loss_fn = UncertaintyWeightedLoss().to(device)
         self.params = [*self.net.parameters(), *self.loss_fn.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -122,6 +124,7 @@ def bench_config(tmp: Path, args: argparse.Namespace, batches: int) -> list[str]
     overhead ratio averages over the machine's drift like the two plain-loop runs do.
     """
     return [
+        f"model.backbone={args.backbone}",
         f"data.root={tmp / 'synthetic'}",
         f"data.num_train={int(batches * args.batch_size / 0.8) + args.batch_size}",
         "data.num_test=16",
@@ -151,7 +154,7 @@ def bench_config(tmp: Path, args: argparse.Namespace, batches: int) -> list[str]
 def plain_loader(cfg, device: torch.device) -> torch.utils.data.DataLoader:
     """The project's own training DataLoader (same cache, augmentation, workers), no Trainer."""
     datamodule: FundusDataModule = instantiate(cfg.data)
-    datamodule.set_normalization(TwoHeadNet(BACKBONE).data_config)
+    datamodule.set_normalization(TwoHeadNet(cfg.model.backbone).data_config)
     datamodule.pin_memory = device.type == "cuda"
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -169,12 +172,17 @@ def framework_and_stages(args: argparse.Namespace) -> tuple[list[Row], dict[str,
         with quiet():
             loader = plain_loader(cfg, device)  # generates and caches the set once, for both
         iterations = args.warmup + args.steps
-        before = PlainLoop(device, precision, channels_last=True).run(loader, iterations)
+
+        def plain_run(loader: torch.utils.data.DataLoader) -> list[float]:
+            loop = PlainLoop(args.backbone, device, precision, channels_last=True)
+            return loop.run(loader, iterations)
+
+        before = plain_run(loader)
         began = time.perf_counter()
         with quiet():
             train(cfg)
         project_seconds = time.perf_counter() - began
-        after = PlainLoop(device, precision, channels_last=True).run(loader, iterations)
+        after = plain_run(loader)
         epochs = load_step_times(tmp / "steps.json")
         del loader
 
@@ -228,7 +236,7 @@ def recipe(args: argparse.Namespace) -> list[Row]:
     times: dict[tuple[str, bool], list[float]] = {}
     for precision, channels_last in plan:
         batch = batch_of[precision]
-        loop = PlainLoop(device, precision, channels_last)
+        loop = PlainLoop(args.backbone, device, precision, channels_last)
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(batch, 3, args.recipe_size, args.recipe_size, generator=generator)
         targets = {"dr": torch.randint(0, 5, (batch,)), "dme": torch.randint(0, 3, (batch,))}
@@ -272,6 +280,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Training-speed benchmark (a report: always exits 0)."
     )
+    parser.add_argument("--backbone", default=BACKBONE, help=f"timm model ({BACKBONE})")
     parser.add_argument("--image-size", type=int, default=128, help="project vs plain (128)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (16)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (2)")

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from visioncare.errors import ConfigurationError
 from visioncare.models.net import TwoHeadNet
-from visioncare.utils import precision
+from visioncare.utils import accelerator
 
 
 @pytest.mark.parametrize(
@@ -79,9 +79,16 @@ def test_unknown_backbone_is_named():
 
 
 def test_auto_precision(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    assert precision.resolve_precision("auto", "cpu") == "32-true"
-    assert precision.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # explicit wins
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    assert precision.resolve_precision("auto", "cpu") == "bf16-mixed"
-    assert precision.resolve_precision("auto", "gpu") == "16-mixed"
+    monkeypatch.setattr(accelerator, "cpu_has_native_bf16", lambda: False)
+    assert accelerator.resolve_precision("auto", "cpu") == "32-true"
+    assert accelerator.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # explicit wins
+    monkeypatch.setattr(accelerator, "cpu_has_native_bf16", lambda: True)
+    assert accelerator.resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert accelerator.resolve_precision("auto", "gpu") == "16-mixed"
+
+
+def test_cudnn_benchmark_defaults_on_for_gpus_only():
+    assert accelerator.resolve_benchmark(None, "gpu", deterministic=False) is True
+    assert accelerator.resolve_benchmark(None, "gpu", deterministic=True) is None
+    assert accelerator.resolve_benchmark(None, "cpu", deterministic=False) is None
+    assert accelerator.resolve_benchmark(False, "gpu", deterministic=False) is False  # explicit

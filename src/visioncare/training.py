@@ -24,9 +24,9 @@ from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
 from visioncare.inference import input_spec
 from visioncare.prediction import gradcam_examples
+from visioncare.utils.accelerator import resolve_benchmark, resolve_precision
 from visioncare.utils.checkpoints import resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
-from visioncare.utils.precision import resolve_precision
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
 
 log = logging.getLogger("visioncare")
@@ -123,8 +123,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     log.info("Precision: %s", precision)
+    benchmark = resolve_benchmark(
+        cfg.trainer.get("benchmark"), cfg.trainer.accelerator, cfg.trainer.get("deterministic")
+    )
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=precision,
+        benchmark=benchmark,
     )
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):

@@ -1,10 +1,12 @@
-"""Choose the Trainer's precision for the machine at hand (`trainer.precision=auto`).
+"""Choose the Trainer's speed settings for the machine at hand: precision and cudnn.benchmark.
 
-Mixed precision is a large win where the hardware does the low-precision math natively: fp16
-tensor cores on GPUs, AVX-512 BF16/AMX on recent x86 CPUs (about 1.9x on EfficientNetV2-S). On a CPU
-without them, bf16 is emulated and trains an order of magnitude *slower* than fp32 (measured on
-an AVX2-only 2-core EPYC, EfficientNetV2-S training at 224 px: 0.15 img/s in bf16 against 3-5 img/s
-in fp32), so `auto` picks fp32 there.
+`trainer.precision=auto`: mixed precision is a large win where the hardware does the
+low-precision math natively: fp16 tensor cores on GPUs, AVX-512 BF16/AMX on recent x86 CPUs (about
+1.9x on EfficientNetV2-S). On a CPU without them, bf16 is emulated and trains an order of magnitude
+*slower* than fp32 (measured on an AVX2-only 2-core EPYC, EfficientNetV2-S training at 224 px:
+0.15 img/s in bf16 against 3-5 img/s in fp32), so `auto` picks fp32 there.
+
+`trainer.benchmark=null`: cuDNN's autotuner on GPUs (see `resolve_benchmark`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,3 +59,14 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
             precision,
         )
     return precision
+
+
+def resolve_benchmark(benchmark: bool | None, accelerator: str, deterministic: Any) -> bool | None:
+    """`trainer.benchmark=null` → True on a GPU unless the run is deterministic.
+
+    VisionCare's inputs have one fixed size (`data.image_size`), the case where cuDNN's autotuner
+    pays for itself after the first steps. Lightning's own default for null leaves it off.
+    """
+    if benchmark is None and uses_gpu(accelerator) and not deterministic:
+        return True
+    return benchmark
