@@ -47,6 +47,7 @@ TARGET_ONNX = 1.0
 def make_checkpoint(tmp: Path, args: argparse.Namespace) -> Path:
     """best.ckpt of one training step of the default model at ``--image-size``."""
     overrides = [
+        f"model.backbone={args.backbone}",
         f"data.root={tmp / 'synthetic'}",
         "data.num_train=20",
         f"data.num_test={args.images}",
@@ -143,7 +144,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
 
     model_ips = {name: args.batch_size / s for name, s in model_s.items()}
     pipeline_ips = {name: len(photos) / s for name, s in pipeline_s.items()}
-    shape = f"EfficientNetV2-S {size} px b{args.batch_size}"
+    shape = f"{args.backbone} {size} px b{args.batch_size}"
     rows = [
         Row(f"Model only, {name} ({shape})", f"{value:.2f} img/s")
         for name, value in model_ips.items()
@@ -175,6 +176,9 @@ def measure(args: argparse.Namespace) -> list[Row]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Inference benchmark, PyTorch vs onnxruntime (a report: always exits 0)."
+    )
+    parser.add_argument(
+        "--backbone", default="tf_efficientnetv2_s", help="timm model (tf_efficientnetv2_s)"
     )
     parser.add_argument("--image-size", type=int, default=224, help="network input (224)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (16)")

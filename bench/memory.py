@@ -86,6 +86,9 @@ def train_run(tmp: Path, image_size: int | None, args: argparse.Namespace) -> di
         f"data.root={tmp / 'synthetic'}",  # shared by the runs: generated once
         f"data.num_train={args.num_train}",
         "data.num_test=16",
+        # Photos are rendered smaller than the default 512 px to save time; training reads the
+        # cached copies (data.cache_size), which are the same either way.
+        "data.render_size=256",
         f"paths.cache_dir={tmp / 'cache'}",
         f"paths.log_dir={tmp / 'logs'}",
         f"hydra.run.dir={run_dir}",
@@ -98,6 +101,8 @@ def train_run(tmp: Path, image_size: int | None, args: argparse.Namespace) -> di
         "test=false",
         "gradcam_images=0",
     ]
+    if args.backbone:
+        overrides.append(f"model.backbone={args.backbone}")
     if image_size:
         cache = image_size + image_size // 8
         overrides += [f"data.image_size={image_size}", f"data.cache_size={cache}"]
@@ -135,6 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         help="extra runs at these input sizes besides the default config's (e.g. 224)",
     )
+    parser.add_argument("--backbone", help="timm model instead of the default config's")
     parser.add_argument("--batches", type=int, default=4, help="training batches per run (4)")
     parser.add_argument("--num-train", type=int, default=96, help="synthetic training set (96)")
     parser.add_argument("--interval", type=float, default=0.2, help="sampling period, s (0.2)")
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="visioncare-bench-") as name:
         defaults = compose_config("train", [], Path(name) / "unused")
-        model, data = defaults.model.backbone, defaults.data
+        model, data = args.backbone or defaults.model.backbone, defaults.data
         for extra_size in [None, *args.image_size]:
             figures = train_run(Path(name), extra_size, args)
             what = f"{model} {extra_size or data.image_size} px b{data.batch_size}"

@@ -22,6 +22,21 @@ from common import Row, machine_line, print_table
 HERE = Path(__file__).resolve().parent
 # Issue order: data feeding first (it sizes everything else), then training, inference, memory.
 BENCHMARKS = ("data_loading", "training_speed", "inference", "memory")
+# `--smoke`: the smallest settings that still run every code path (timm's test_efficientnet, tiny
+# images, one or two steps). The figures mean nothing; tests/test_bench.py uses it so `make bench`
+# cannot silently break.
+SMOKE_ARGS = {
+    "data_loading": "--backbone test_efficientnet --images 2 --epoch-size 8 --steps 1 --workers 1",
+    "training_speed": (
+        "--backbone test_efficientnet --image-size 32 --batch-size 4 --warmup 1 --steps 2 "
+        "--workers 0 --recipe-size 32 --recipe-batch 2 --recipe-steps 1 --emulated-bf16-batch 2"
+    ),
+    "inference": (
+        "--backbone test_efficientnet --image-size 32 --batch-size 2 --images 4 --render-size 128 "
+        "--workers 0 --rounds 1"
+    ),
+    "memory": "--backbone test_efficientnet --batches 1 --num-train 20",
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -32,6 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=BENCHMARKS,
         default=list(BENCHMARKS),
         help="run these benchmarks only (default: all)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny settings: checks that everything runs (seconds)"
     )
     return parser.parse_args(argv)
 
@@ -47,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{'=' * 30} bench/{name}.py {'=' * 30}", flush=True)
             start = time.perf_counter()
             command = [sys.executable, str(HERE / f"{name}.py"), "--json", str(results)]
+            if args.smoke:
+                command += SMOKE_ARGS[name].split()
             if subprocess.run(command, check=False).returncode != 0:
                 failed.append(name)
             seconds[name] = time.perf_counter() - start
