@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -107,18 +107,28 @@ def ratio_row(name: str, ratio: float, target: float | None = None, note: str = 
     return Row(name, result, f"≥ {target:g}×", ratio >= target)
 
 
+# Work a benchmark runs at the start of each training epoch, outside the timed spans: epoch → None.
+# `training_speed.py` interleaves plain-loop runs with the project's epochs this way.
+BETWEEN_EPOCHS: list[Callable[[int], None]] = []
+
+
 class StepTimer(Callback):
     """Wall time of every training iteration, per epoch, written to ``path`` as JSON.
 
     An iteration is measured from one `on_train_batch_start` to the next, so it covers what a
     hand-written loop's iteration covers: forward, backward, clipping, the optimizer step,
     logging and callbacks, and fetching the next batch. The epoch's last batch has no successor
-    and is left out; validation and checkpointing happen outside the measured spans.
+    and is left out; validation and checkpointing happen outside the measured spans. At each
+    epoch start it first runs the benchmark's `BETWEEN_EPOCHS` work.
     """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.starts: dict[int, list[float]] = {}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for work in list(BETWEEN_EPOCHS):
+            work(trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
