@@ -77,10 +77,10 @@ def test_reset_clears_state():
     assert metrics.compute()["test/acc_dr"] == 0.0
 
 
-def test_training_epoch_values_are_logged_once_at_the_last_batch():
+def test_training_epoch_values_are_logged_once_per_epoch():
     """Train losses/metrics accumulate per step (no per-step logging) and match a hand count."""
     module = VisionCareModule(backbone="test_efficientnet", channels_last=False).eval()
-    module._trainer = SimpleNamespace(num_training_batches=3, current_epoch=0, global_step=0)
+    module._trainer = SimpleNamespace(current_epoch=0, global_step=0)
     logged: list[dict] = []
     module.log_dict = lambda values, **kwargs: logged.append(dict(values))
     generator = torch.Generator().manual_seed(0)
@@ -101,12 +101,13 @@ def test_training_epoch_values_are_logged_once_at_the_last_batch():
             correct += int((logits["dr"].argmax(dim=1) == batch["dr"]).sum())
     for index, batch in enumerate(batches):
         module.training_step(batch, index)
-        assert len(logged) == (1 if index == 2 else 0)
+    assert logged == []  # nothing per step
+    module.log_train_epoch()  # what EpochMetricsCSV calls before writing the row
     values = {k: float(v) for k, v in logged[0].items()}
     assert math.isclose(values["train/loss"], sum(losses) / 10, rel_tol=1e-5)
     assert math.isclose(values["train/acc_dr"], correct / 10, rel_tol=1e-6)
     assert values["train/num_dr"] == 10 and values["train/num_dme"] == 0
     assert math.isnan(values["train/acc_dme"]) and math.isnan(values["train/joint_acc"])
     assert {"loss/sigma_dr", "loss/sigma_dme", "train/f1_dr", "train/loss_dme"} <= set(values)
-    module.on_train_epoch_end()  # already logged at the last batch: nothing more
+    module.on_train_epoch_end()  # already logged this epoch: nothing more
     assert len(logged) == 1

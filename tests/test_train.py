@@ -90,6 +90,18 @@ def test_train_returns_metrics_and_honours_unfreeze_off(make_cfg):
     assert float(rows[0]["unfreeze/trainable_fraction"]) == 1.0
 
 
+def test_each_metrics_row_has_its_own_epochs_training_values(make_cfg):
+    """An epoch cut short by max_steps still gets its own train/* values, not the last epoch's."""
+    cfg = make_cfg("trainer.max_epochs=3", "+trainer.max_steps=5", "logger=none", "test=false")
+    train(cfg)
+    rows = _rows(Path(cfg.paths.output_dir) / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    steps_per_epoch = 4  # 32 training images (40 less the validation fifth) in batches of 8
+    assert float(rows[0]["train/num_dr"]) == steps_per_epoch * 8
+    assert float(rows[1]["train/num_dr"]) == 8  # the single step of the cut-short epoch
+    assert rows[1]["train/loss"] != rows[0]["train/loss"]
+
+
 def test_missing_checkpoint_is_an_error_not_a_fresh_start(make_cfg, tmp_path):
     cfg = make_cfg(f"ckpt_path={tmp_path / 'nope.ckpt'}")
     with pytest.raises(ConfigurationError, match="does not exist"):

@@ -112,6 +112,12 @@ class EpochMetricsCSV(Callback):
                 ]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The module logs its training-epoch values only when asked (or in its own epoch-end
+        # hook, which Lightning runs after this one): ask now, or the row would carry the
+        # previous epoch's train/* values.
+        log_train_epoch = getattr(pl_module, "log_train_epoch", None)
+        if callable(log_train_epoch):
+            log_train_epoch()
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         for name, value in trainer.callback_metrics.items():
             if name.startswith("test/") or not hasattr(value, "numel") or value.numel() != 1:

@@ -9,7 +9,6 @@ scheduler state keep one shape across stages and resumes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +25,6 @@ from visioncare.models.net import TwoHeadNet
 
 # Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
 # stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
-# On an accelerator, steps between host-side checks for a non-finite loss (each check syncs).
-NONFINITE_CHECK_STEPS = 25
-
 BACKBONE_CHUNKS: tuple[tuple[str, float, float], ...] = (
     ("backbone_top", 0.0, 0.25),
     ("backbone_mid", 0.25, 0.5),
@@ -83,7 +79,6 @@ class VisionCareModule(L.LightningModule):
         self.train_losses = nn.ModuleDict(
             {name: MeanMetric(nan_strategy="disable") for name in names}
         )
-        self._nonfinite: Tensor | None = None  # per loss: non-finite since the last check
         self.val_metrics = MultiTaskMetrics("val")
         self.test_metrics = MultiTaskMetrics("test")
         # Per-dataset val/test metrics when several sources train together (`configure_sources`).
@@ -164,7 +159,7 @@ class VisionCareModule(L.LightningModule):
 
         Nothing is logged per step: each `self.log` call costs about 0.5 ms of Python, and ten
         of them per step were the largest part of the framework's overhead over a plain loop.
-        `_log_train_epoch` logs the epoch's values once, at its last batch.
+        `log_train_epoch` logs the epoch's values once, when it ends.
         """
         losses = {"loss": total, **{f"loss_{t}": v for t, v in task_losses.items()}}
         for name, value in losses.items():
@@ -172,11 +167,14 @@ class VisionCareModule(L.LightningModule):
             # sync) torchmetrics 1.9 drops the weights (Lightning-AI/torchmetrics#3434).
             self.train_losses[name].update(value.detach().expand(batch_size))
         self.train_metrics.update(logits, targets)
-        flags = torch.stack([~torch.isfinite(v.detach()) for v in losses.values()])
-        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
 
-    def _log_train_epoch(self) -> None:
-        """Log the epoch's mean losses, metrics and task sigmas, then reset them."""
+    def log_train_epoch(self) -> None:
+        """Log the epoch's mean losses, metrics and task sigmas once, then reset them.
+
+        Called by `EpochMetricsCSV` before it writes the epoch's row (callbacks' epoch-end hooks
+        run before the LightningModule's) and by `on_train_epoch_end`; the second call of an
+        epoch finds nothing to log.
+        """
         if not self.train_losses["loss"].update_called:
             return
         values: dict[str, Any] = {
@@ -190,38 +188,17 @@ class VisionCareModule(L.LightningModule):
         # Values are already reduced over the epoch (and over DDP ranks, by torchmetrics).
         self.log_dict(values, on_step=False, on_epoch=True, batch_size=1)
 
-    def _check_finite(self, batch_idx: int, last_batch: bool) -> None:
-        """Stop on a non-finite loss before any checkpoint of the diverged weights is written.
-
-        Reading the flags back synchronises an accelerator, so on a GPU they are checked every
-        `NONFINITE_CHECK_STEPS` steps and at the epoch's last batch (checkpoints are saved after
-        it); on the CPU every step, at no cost.
-        """
-        if self._nonfinite is None:
-            return
-        on_cpu = self._nonfinite.device.type == "cpu"
-        if not (on_cpu or last_batch or batch_idx % NONFINITE_CHECK_STEPS == 0):
-            return
-        flags, self._nonfinite = self._nonfinite.tolist(), None
-        if any(flags):
-            # flags: the total, then each task's loss (`_accumulate_train`'s order)
-            bad = [task for task, flag in zip(TASKS, flags[1:], strict=True) if flag]
-            where = f"step {self.global_step}" if on_cpu else f"step {self.global_step} or before"
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, task_losses = self.model_step(batch, "train")
+        # Every step, before any checkpoint of diverged weights could be written. (On a GPU this
+        # reads one value back; the torchmetrics updates above synchronise anyway.)
+        if not torch.isfinite(total):
+            bad = [task for task, value in task_losses.items() if not torch.isfinite(value)]
             raise TrainingDivergedError(
                 f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
-                f"{self.current_epoch}, {where}; the last good checkpoint is kept. Lower "
-                "model.optimizer.lr or check the input data."
+                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is "
+                "kept. Lower model.optimizer.lr or check the input data."
             )
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        total, _ = self.model_step(batch, "train")
-        batches = self._trainer.num_training_batches if self._trainer is not None else math.inf
-        last_batch = batch_idx + 1 >= batches
-        self._check_finite(batch_idx, last_batch)
-        if last_batch:
-            # Here, not in on_train_epoch_end: callbacks that write the epoch's row (metrics.csv)
-            # run before the LightningModule's on_train_epoch_end hook.
-            self._log_train_epoch()
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -236,8 +213,7 @@ class VisionCareModule(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
-        # An epoch cut short (max_steps, an interrupted resume) never reached its last batch.
-        self._log_train_epoch()
+        self.log_train_epoch()  # a no-op if EpochMetricsCSV already did it this epoch
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
