@@ -27,7 +27,7 @@ from visioncare.export import (
     export,
     export_onnx,
 )
-from visioncare.inference import load_model
+from visioncare.inference import load_model, load_onnx
 from visioncare.models.net import TwoHeadNet
 from visioncare.prediction import predict
 
@@ -158,3 +158,19 @@ def test_onnx_predict_needs_preprocessing_json_and_refuses_gradcam(
     shutil.copy(out / "model.onnx", lonely)
     with pytest.raises(ConfigurationError, match=r"preprocessing\.json is missing"):
         predict(predict_cfg(tmp_path, lonely, photos[0]))
+
+
+def test_an_onnx_file_that_is_not_a_visioncare_export_is_refused(exported, tmp_path):
+    _, out, _ = exported
+    stranger = tmp_path / "model.onnx"
+    torch.onnx.export(
+        torch.nn.Conv2d(3, 2, 3).eval(),
+        (torch.randn(1, 3, 8, 8),),
+        str(stranger),
+        input_names=["image"],
+        output_names=["y"],
+        dynamo=False,
+    )
+    shutil.copy(out / "preprocessing.json", tmp_path / "preprocessing.json")
+    with pytest.raises(ConfigurationError, match="not a VisionCare export"):
+        load_onnx(stranger)

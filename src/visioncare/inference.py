@@ -112,12 +112,24 @@ class OnnxNet:
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            index = int(device.split(":")[1]) if ":" in device else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{task}_logits" for task in TASKS]
+        found = [output.name for output in self.session.get_outputs()]
+        if sorted(found) != sorted(self.output_names):
+            raise ConfigurationError(
+                f"{path} has outputs {found}, not {self.output_names}: it is not a VisionCare "
+                "export; re-run `python src/export.py`"
+            )
+
+    @property
+    def provider(self) -> str:
+        """Where onnxruntime runs the model (CPUExecutionProvider unless a GPU build is used)."""
+        return self.session.get_providers()[0]
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feed = {self.input_name: images.detach().cpu().float().numpy()}
@@ -144,6 +156,12 @@ def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec
         ) from None
     try:
         net = OnnxNet(model_path, device)
+    except ConfigurationError:
+        raise
+    except ImportError as error:
+        raise ConfigurationError(
+            f"predicting from {model_path} needs onnxruntime ({error}); pip install onnxruntime"
+        ) from None
     except Exception as error:  # onnxruntime raises its own exception types for bad files
         raise ConfigurationError(
             f"onnxruntime could not load {model_path}: {error}. Re-run `python src/export.py`."

@@ -357,8 +357,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.get("device", "auto")))
     model, spec = load_predictor(str(cfg.ckpt_path), device, explain=bool(cfg.get("explain")))
     paths = collect_images(cfg.input)
-    engine = "onnxruntime" if isinstance(model, OnnxNet) else "PyTorch"
-    log.info("Predicting %d image(s) on %s with %s", len(paths), device, engine)
+    if isinstance(model, OnnxNet):
+        device = torch.device("cpu")  # onnxruntime takes host arrays; it places the work itself
+        engine = f"onnxruntime ({model.provider})"
+    else:
+        engine = f"PyTorch on {device}"
+    log.info("Predicting %d image(s) with %s", len(paths), engine)
     probs, errors = predict_paths(
         model, spec, paths, int(cfg.batch_size), int(cfg.num_workers), device
     )
