@@ -5,7 +5,9 @@ This script makes both from the real pipeline — one short training run of Effi
 224 px (`visioncare.training.train`), then `visioncare.export.export` — and times:
 
 * **Model only**: batches of ``--batch-size`` preprocessed images through the network, PyTorch
-  eager (channels-last, inference mode, as `predict.py` runs it) against onnxruntime (CPU).
+  eager (channels-last, inference mode, as `predict.py` runs it) against onnxruntime (CPU). On a
+  machine with CUDA, PyTorch on the GPU is added for reference (onnxruntime's CPU build has no
+  GPU provider); the budget compares the two CPU engines.
 * **predict.py pipeline**: `visioncare.prediction.predict_paths` over ``--images`` photographs of
   the synthetic set with ``--workers`` loader workers — decoding, fundus crop, resize,
   normalisation and the model — the throughput a user of `predict.py` sees.
@@ -126,6 +128,16 @@ def measure(args: argparse.Namespace) -> list[Row]:
                 return model(images)
 
         networks = {"PyTorch eager": eager, "onnxruntime": onnx_net}
+        if torch.cuda.is_available():  # for reference: the budget compares the CPU engines
+            gpu_model, _ = load_model(ckpt, "cuda")
+
+            def eager_cuda(images: Tensor) -> dict[str, Tensor]:
+                with torch.inference_mode():
+                    logits = gpu_model(images.to("cuda", non_blocking=True))
+                torch.cuda.synchronize()
+                return logits
+
+            networks["PyTorch eager on CUDA"] = eager_cuda
         for net in networks.values():  # warm-up: allocations, kernel and graph optimisation
             net(batch)
         model_s = alternate(

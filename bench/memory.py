@@ -12,7 +12,8 @@ memory peak of a run). Reported:
   ``--interval`` seconds from `/proc/<pid>/smaps_rollup`. PSS splits pages shared between the
   forked workers and the trainer, so the sum is what the run really occupies (RSS would count
   them once per process).
-* **Peak GPU memory**: `memory/gpu_peak_mb` from `metrics.csv` when training ran on a GPU.
+* **Peak GPU memory**: `memory/gpu_peak_mb` (tensors) and `memory/gpu_reserved_mb` (what the
+  caching allocator held; nvidia-smi adds the CUDA context) from `metrics.csv`, on a GPU.
 
 ``--image-size 224`` adds a run at another resolution (224 px: the IDRiD presets' input).
 A report, not a test: always exits 0.
@@ -124,8 +125,9 @@ def train_run(tmp: Path, image_size: int | None, args: argparse.Namespace) -> di
         "tree_pss_mb": sampler.peak_mb,
         "processes": float(sampler.peak_processes),
     }
-    if row.get("memory/gpu_peak_mb"):
-        result["gpu_peak_mb"] = float(row["memory/gpu_peak_mb"])
+    for name in ("gpu_peak_mb", "gpu_reserved_mb"):
+        if row.get(f"memory/{name}"):
+            result[name] = float(row[f"memory/{name}"])
     return result
 
 
@@ -175,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             if "gpu_peak_mb" in figures:
-                rows.append(Row(f"Peak GPU memory, {what}", f"{figures['gpu_peak_mb']:.0f} MiB"))
+                allocated = f"{figures['gpu_peak_mb']:.0f} MiB"
+                reserved = f"{figures.get('gpu_reserved_mb', float('nan')):.0f} MiB"
+                name = f"Peak GPU memory allocated / reserved, {what}"
+                rows.append(Row(name, f"{allocated} / {reserved}"))
     print_table(rows)
     save_rows(args.json, "Memory", rows)
     print(

@@ -1,7 +1,8 @@
 """Per-epoch resource statistics and the one-row-per-epoch `metrics.csv`.
 
 `EpochStats` logs `time/epoch_s` (wall time of the epoch's training part, validation excluded),
-`memory/rss_mb` (peak resident memory of the process) and, on GPU, `memory/gpu_peak_mb`.
+`memory/rss_mb` (peak resident memory of the process) and, on GPU, `memory/gpu_peak_mb` (peak of
+tensors allocated) and `memory/gpu_reserved_mb` (peak held by PyTorch's caching allocator).
 `EpochMetricsCSV` writes every epoch-level scalar Lightning has collected as one row of
 `metrics.csv`; it must come after `EpochStats` in the callback list so the row includes them.
 """
@@ -81,6 +82,9 @@ class EpochStats(Callback):
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
             pl_module.log("memory/gpu_peak_mb", peak, on_epoch=True)
+            # What the caching allocator held (closer to nvidia-smi, less the CUDA context).
+            reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**20
+            pl_module.log("memory/gpu_reserved_mb", reserved, on_epoch=True)
 
 
 class EpochMetricsCSV(Callback):
