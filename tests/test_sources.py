@@ -450,4 +450,7 @@ def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
         assert f"val/{source}/acc_dr" in summary["best"]
     assert summary["test"]["test/aptos/acc_dme"] is None  # APTOS has no DME grades
     assert summary["test"]["test/idrid/acc_dme"] is not None
+    test = summary["test"]
+    assert test["test/idrid/num_dr"] + test["test/aptos/num_dr"] == test["test/num_dr"]
+    assert test["test/aptos/num_dme"] == 0 and test["test/idrid/num_dme"] == test["test/num_dme"]
     assert 0.0 <= metrics["val/avg_acc"] <= 1.0

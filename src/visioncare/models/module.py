@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from visioncare import TASKS
+from visioncare import IGNORE_INDEX, TASKS
 from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
@@ -138,13 +138,14 @@ class VisionCareModule(L.LightningModule):
         )
         self.split_metrics(split).update(detached, targets)
         if self.source_metrics:
+            # Other sources' samples count as ungraded (-1) rather than being cut out: every
+            # rank then updates every source's metrics, even with no sample of it in its shard,
+            # so all ranks take part in the same DDP reductions at epoch end (no hang).
             for index, name in enumerate(self.source_names):
-                mask = batch["source"] == index
-                if bool(mask.any()):
-                    self.source_metrics[f"{split}__{name}"].update(
-                        {t: v[mask] for t, v in detached.items()},
-                        {t: v[mask] for t, v in targets.items()},
-                    )
+                other = batch["source"] != index
+                self.source_metrics[f"{split}__{name}"].update(
+                    detached, {t: v.masked_fill(other, IGNORE_INDEX) for t, v in targets.items()}
+                )
         return total, task_losses
 
     def _accumulate_train(
@@ -228,8 +229,10 @@ class VisionCareModule(L.LightningModule):
         metrics.reset()
         for key, per_source in self.source_metrics.items():
             if key.startswith(f"{split}__") and per_source.joint.update_called:
-                values.update(per_source.compute())
+                source_values = per_source.compute()  # counts synchronised over DDP ranks
                 per_source.reset()
+                if any(v > 0 for k, v in source_values.items() if "/num_" in k):
+                    values.update(source_values)  # a source absent from the split: no keys
         prog = {f"{split}/avg_acc", f"{split}/acc_dr", f"{split}/acc_dme"}
         for name, value in values.items():
             # Values are already synchronised by torchmetrics across DDP ranks.
