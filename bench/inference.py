@@ -154,34 +154,24 @@ def measure(args: argparse.Namespace) -> list[Row]:
             max(2, args.rounds // 2),
         )
 
-    model_ips = {name: args.batch_size / s for name, s in model_s.items()}
-    pipeline_ips = {name: len(photos) / s for name, s in pipeline_s.items()}
-    shape = f"{args.backbone} {size} px b{args.batch_size}"
+    model_ips = {name: args.batch_size / seconds for name, seconds in model_s.items()}
+    pipeline_ips = {name: len(photos) / seconds for name, seconds in pipeline_s.items()}
+    return [
+        *engine_rows("Model only", f"{args.backbone} {size} px b{args.batch_size}", model_ips),
+        *engine_rows(
+            "predict.py pipeline", f"{len(photos)} photos, {args.workers} workers", pipeline_ips
+        ),
+    ]
+
+
+def engine_rows(what: str, setting: str, images_per_second: dict[str, float]) -> list[Row]:
+    """One row per engine, then the budgeted onnxruntime ÷ PyTorch-eager (CPU) ratio."""
     rows = [
-        Row(f"Model only, {name} ({shape})", f"{value:.2f} img/s")
-        for name, value in model_ips.items()
+        Row(f"{what}, {name} ({setting})", f"{value:.2f} img/s")
+        for name, value in images_per_second.items()
     ]
-    rows.append(
-        ratio_row(
-            "Model only: onnxruntime ÷ PyTorch eager",
-            model_ips["onnxruntime"] / model_ips["PyTorch eager"],
-            TARGET_ONNX,
-        )
-    )
-    rows += [
-        Row(
-            f"predict.py pipeline, {name} ({len(photos)} photos, {args.workers} workers)",
-            f"{value:.2f} img/s",
-        )
-        for name, value in pipeline_ips.items()
-    ]
-    rows.append(
-        ratio_row(
-            "predict.py pipeline: onnxruntime ÷ PyTorch eager",
-            pipeline_ips["onnxruntime"] / pipeline_ips["PyTorch eager"],
-            TARGET_ONNX,
-        )
-    )
+    ratio = images_per_second["onnxruntime"] / images_per_second["PyTorch eager"]
+    rows.append(ratio_row(f"{what}: onnxruntime ÷ PyTorch eager", ratio, TARGET_ONNX))
     return rows
 
 
