@@ -165,6 +165,20 @@ def load_step_times(path: Path) -> dict[int, list[float]]:
     return {int(epoch): times for epoch, times in json.loads(path.read_text()).items()}
 
 
+def scratch_run_overrides(tmp: Path) -> list[str]:
+    """Overrides every benchmark's training run shares: data, cache and logs inside ``tmp``, no
+    live progress bar (it would garble the report), no test pass and no Grad-CAM preview."""
+    return [
+        f"data.root={tmp / 'synthetic'}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.log_dir={tmp / 'logs'}",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        "test=false",
+        "gradcam_images=0",
+    ]
+
+
 def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path) -> Any:
     """conf/<config_name>.yaml composed with ``overrides``, its run directory set to ``output_dir``.
 

@@ -35,6 +35,7 @@ from common import (
     quiet,
     ratio_row,
     save_rows,
+    scratch_run_overrides,
 )
 from torch import Tensor
 
@@ -49,26 +50,20 @@ TARGET_ONNX = 1.0
 def make_checkpoint(tmp: Path, args: argparse.Namespace) -> Path:
     """best.ckpt of one training step of the default model at ``--image-size``."""
     overrides = [
+        *scratch_run_overrides(tmp),
         f"model.backbone={args.backbone}",
-        f"data.root={tmp / 'synthetic'}",
         "data.num_train=20",
         f"data.num_test={args.images}",
         f"data.render_size={args.render_size}",
         f"data.image_size={args.image_size}",
         f"data.cache_size={args.image_size + args.image_size // 8}",
         "data.num_workers=0",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"paths.log_dir={tmp / 'logs'}",
         "unfreeze_step=0",
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=1",
         "+trainer.limit_val_batches=1",
-        "+trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        "callbacks.progress_bar=null",
         "logger=none",
-        "test=false",
-        "gradcam_images=0",
     ]
     cfg = compose_config("train", overrides, tmp / "run")
     train(cfg)

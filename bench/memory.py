@@ -32,7 +32,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import ROOT, Row, compose_config, machine_line, print_table, save_rows
+from common import (
+    ROOT,
+    Row,
+    compose_config,
+    machine_line,
+    print_table,
+    save_rows,
+    scratch_run_overrides,
+)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -84,23 +92,17 @@ def train_run(tmp: Path, image_size: int | None, args: argparse.Namespace) -> di
     label = f"{image_size}px" if image_size else "default"
     run_dir = tmp / f"run-{label}"
     overrides = [
-        f"data.root={tmp / 'synthetic'}",  # shared by the runs: generated once
+        *scratch_run_overrides(tmp),  # the synthetic set in tmp is shared by the runs
         f"data.num_train={args.num_train}",
         "data.num_test=16",
         # Photos are rendered smaller than the default 512 px to save time; training reads the
         # cached copies (data.cache_size), which are the same either way.
         "data.render_size=256",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"paths.log_dir={tmp / 'logs'}",
         f"hydra.run.dir={run_dir}",
         "unfreeze_step=0",
         "trainer.max_epochs=1",
         f"+trainer.limit_train_batches={args.batches}",
         "+trainer.limit_val_batches=2",
-        "+trainer.enable_progress_bar=false",
-        "callbacks.progress_bar=null",
-        "test=false",
-        "gradcam_images=0",
     ]
     if args.backbone:
         overrides.append(f"model.backbone={args.backbone}")

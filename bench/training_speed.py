@@ -46,6 +46,7 @@ from common import (
     quiet,
     ratio_row,
     save_rows,
+    scratch_run_overrides,
     steady_rate,
 )
 from hydra.utils import instantiate
@@ -127,8 +128,8 @@ def bench_config(tmp: Path, args: argparse.Namespace, batches: int) -> list[str]
     overhead ratio averages over the machine's drift like the two plain-loop runs do.
     """
     return [
+        *scratch_run_overrides(tmp),
         f"model.backbone={args.backbone}",
-        f"data.root={tmp / 'synthetic'}",
         f"data.num_train={int(batches * args.batch_size / 0.8) + args.batch_size}",
         "data.num_test=16",
         "data.render_size=256",
@@ -136,19 +137,12 @@ def bench_config(tmp: Path, args: argparse.Namespace, batches: int) -> list[str]
         f"data.cache_size={args.image_size + args.image_size // 8}",
         f"data.batch_size={args.batch_size}",
         f"data.num_workers={args.workers}",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"paths.log_dir={tmp / 'logs'}",
         "unfreeze_step=1",
         f"trainer.max_epochs={EPOCHS}",
         f"+trainer.limit_train_batches={batches}",
         "+trainer.limit_val_batches=1",
-        # A live progress bar would garble the report (its cost is a few ms per refresh).
-        "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "callbacks.early_stopping=null",  # five short epochs; nothing to stop
-        "test=false",
-        "gradcam_images=0",
         "+callbacks.step_timer._target_=common.StepTimer",
         f"+callbacks.step_timer.path={tmp / 'steps.json'}",
     ]
