@@ -20,10 +20,11 @@ help: ## Show this help
 
 install: $(STAMP) ## Create .venv and install the project with its dev tools
 
-# A CPU-sized preset (conf/experiment/quickstart.yaml); ARGS may override anything, including it.
+# Fine-tune ImageNet EfficientNet-Lite0 (offline weights) on the synthetic set
+# (conf/experiment/quickstart.yaml); ARGS may override anything, including it.
 TRAIN_PRESET ?= experiment=quickstart
 
-train: $(STAMP) ## Train on the synthetic set (CPU quickstart preset); Hydra overrides via ARGS="..."
+train: $(STAMP) ## Fine-tune pretrained Lite0 on the synthetic set; Hydra overrides via ARGS="..."
 	$(BIN)/python src/train.py $(TRAIN_PRESET) $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (slow tests included)
