@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from visioncare.data.cache import PreprocessedCache
-from visioncare.data.dataset import EpochSeededSampler, FundusDataset
+from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, FundusDataset
+from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig
 from visioncare.data.records import Record, stratified_split
 from visioncare.data.sources.base import DatasetSource
@@ -130,6 +131,11 @@ class FundusDataModule(L.LightningDataModule):
     def _load_and_cache(self) -> None:
         if self.splits:
             return
+        # One process at a time renders/validates/caches; the others then find it all done.
+        with exclusive_preparation(self.cache.root):
+            self._load_and_cache_unlocked()
+
+    def _load_and_cache_unlocked(self) -> None:
         loaded = self.source.load()
         validate_records(loaded, self.source.name)
         all_records = [r for records in loaded.values() for r in records]
@@ -193,7 +199,7 @@ class FundusDataModule(L.LightningDataModule):
         }
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, sampler: EpochSeededSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise DataValidationError(f"dataset '{self.source.name}' has no '{split}' split")
         dataset = self.datasets[split]
@@ -214,10 +220,10 @@ class FundusDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _eval_sampler(self, length: int) -> list[int]:
-        """This rank's share of an evaluation split; every image is seen exactly once overall."""
+    def _eval_sampler(self, length: int) -> EvalShardSampler:
+        """This rank's share of an evaluation split; every image is counted exactly once overall."""
         rank, world = self._rank()
-        return list(range(rank, length, world))
+        return EvalShardSampler(length, rank=rank, world_size=world)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()

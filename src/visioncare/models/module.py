@@ -22,6 +22,7 @@ from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
+from visioncare.utils.rng import capture_rng_state, restore_rng_state
 
 # Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
 # stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
@@ -129,11 +130,16 @@ class VisionCareModule(L.LightningModule):
         if split == "train":
             self._accumulate_train(total, task_losses, detached, targets, batch_size)
             return total, task_losses
+        # Padding samples (`EvalShardSampler` tops up short DDP shards) carry no weight here and
+        # no labels for the metrics. (One host read per evaluation step; the metrics' input
+        # checks read back anyway.)
+        padding = batch.get("padding")
+        real = batch_size if padding is None else int((~padding).sum())
         self.log_dict(
             {f"{split}/loss": total, **{f"{split}/loss_{t}": v for t, v in task_losses.items()}},
             on_step=False,
             on_epoch=True,
-            batch_size=batch_size,
+            batch_size=real,
             sync_dist=True,
         )
         self.split_metrics(split).update(detached, targets)
@@ -279,18 +285,13 @@ class VisionCareModule(L.LightningModule):
             checkpoint["visioncare_config"] = self.run_config
         checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
         # Dropout draws from the global generators: without their state a resumed run diverges.
-        checkpoint["visioncare_rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["visioncare_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("visioncare_config", self.run_config)
         rng = checkpoint.get("visioncare_rng")
         if rng and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            restore_rng_state(rng)
 
 
 def _plain(value: Any) -> Any:
