@@ -1279,7 +1279,7 @@ def _install(tmp: Path, root: Path) -> None:
 def _owner_tag() -> str:
     """``<host>-<pid>``: who a temp build belongs to. A process id means nothing on another node
     sharing the filesystem, so the host is part of the name."""
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
     return f"{host}-{os.getpid()}"
 
 
