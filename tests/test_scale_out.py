@@ -207,3 +207,41 @@ def test_tf32_only_for_full_precision_on_ampere_and_newer(monkeypatch):
     assert not accelerator.enable_tf32("32-true", "gpu")
     assert not accelerator.enable_tf32("32-true", "cpu")
     assert calls == ["high"]
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def test_compile_waits_for_the_last_unfreezing_stage():
+    """Compiled before the last stage, each stage's requires_grad flip would recompile."""
+    from visioncare.models.module import VisionCareModule
+
+    module = VisionCareModule("test_efficientnet", compile=True)
+    for parameter in module.net.backbone.parameters():
+        parameter.requires_grad_(False)
+    assert not module.maybe_compile()  # stage 0: heads only
+    for parameter in module.net.parameters():
+        parameter.requires_grad_(True)
+    assert module.maybe_compile()  # last stage: compiled once
+    assert not module.maybe_compile()
+    assert set(module.state_dict()) == set(VisionCareModule("test_efficientnet").state_dict())
+
+
+# ------------------------------------------------------------------------------ loader workers
+def test_auto_workers_follow_the_cpus_per_gpu(monkeypatch):
+    from visioncare.data import datamodule
+
+    monkeypatch.setattr(datamodule, "usable_cpus", lambda: 32)
+    assert datamodule.resolve_num_workers("auto", on_gpu=True, processes_per_node=8) == 3
+    assert datamodule.resolve_num_workers("auto", on_gpu=True, processes_per_node=1) == 8
+    monkeypatch.setattr(datamodule, "usable_cpus", lambda: 2)
+    assert datamodule.resolve_num_workers("auto", on_gpu=True, processes_per_node=4) == 1
+    assert datamodule.resolve_num_workers("auto", on_gpu=False, processes_per_node=1) == 2
+    assert datamodule.resolve_num_workers(5, on_gpu=True, processes_per_node=1) == 5
+
+
+def test_bad_num_workers_names_the_key(make_cfg):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    # Hydra wraps the ConfigurationError; the entry points print its message as `ERROR: ...`.
+    with pytest.raises(InstantiationException, match=r"data\.num_workers must be"):
+        instantiate(make_cfg("data.num_workers=many").data)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
-from visioncare.inference import input_spec
+from visioncare.inference import input_spec, load_model
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.prediction import gradcam_examples
 from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
@@ -195,9 +195,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             output_dir / "summary.json", best_epoch, best_metrics, test_metrics, datamodule.sizes()
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
-        log_gradcam_to_tensorboard(
-            model, datamodule, loggers, output_dir, cfg.get("gradcam_images", 4)
-        )
+        if count := cfg.get("gradcam_images", 4):
+            # A fresh model from best.ckpt, never the compiled training one, on the training
+            # device (Lightning moves the trained model back to the CPU when it is done).
+            device = str(trainer.strategy.root_device)
+            explained = load_model(best_path, device)[0] if best_path else model
+            log_gradcam_to_tensorboard(explained, datamodule, loggers, output_dir, count)
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 hp_metrics = {

@@ -46,8 +46,12 @@ class VisionCareModule(L.LightningModule):
         loss: the multi-task loss module; default `UncertaintyWeightedLoss`.
         backbone_lr_mult: backbone groups' LR as a multiple of the heads' LR.
         channels_last: NHWC memory format (faster convolutions with bf16/fp16 on CPU and GPU).
-        compile: `torch.compile` the network in place at fit start (state-dict keys unchanged,
-            so checkpoints stay interchangeable). Unfreezing a stage triggers one recompile.
+        compile: `torch.compile` the network in place (state-dict keys unchanged, so checkpoints
+            stay interchangeable) once every parameter is trainable, i.e. when gradual
+            unfreezing reaches its last stage (at once with `unfreeze_step=0`). Compiling
+            earlier would recompile at every stage (requires_grad is guarded) on top of the
+            train/eval and last-partial-batch variants, past Dynamo's recompile limit, after
+            which it silently runs eager.
     """
 
     def __init__(
@@ -103,9 +107,15 @@ class VisionCareModule(L.LightningModule):
             }
         )
 
-    def setup(self, stage: str) -> None:
-        if self.compile_net and stage == "fit":
-            self.net.compile()
+    def maybe_compile(self) -> bool:
+        """Compile the network once all of it trains (see `compile`); True if it compiled now."""
+        compiled = getattr(self.net, "_compiled_call_impl", None) is not None
+        if not self.compile_net or compiled:
+            return False
+        if not all(p.requires_grad for p in self.net.parameters()):
+            return False
+        self.net.compile()
+        return True
 
     def split_metrics(self, split: str) -> MultiTaskMetrics:
         """The metric set of ``train``, ``val`` or ``test``."""
@@ -216,6 +226,8 @@ class VisionCareModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- epoch ends
     def on_train_epoch_start(self) -> None:
+        # Callbacks' epoch-start hooks run first: the unfreezing stage of this epoch is set.
+        self.maybe_compile()
         # The heads' group is first: its LR is the run's reference learning rate.
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
 
