@@ -52,6 +52,8 @@ class VisionCareModule(L.LightningModule):
             earlier would recompile at every stage (requires_grad is guarded) on top of the
             train/eval and last-partial-batch variants, past Dynamo's recompile limit, after
             which it silently runs eager.
+        nonfinite_check_every: read the accumulated "all losses finite" flag back every this
+            many training batches (and at each epoch's last batch) instead of every step.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class VisionCareModule(L.LightningModule):
         backbone_lr_mult: float = 1.0,
         channels_last: bool = True,
         compile: bool = False,
+        nonfinite_check_every: int = 16,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -77,6 +80,8 @@ class VisionCareModule(L.LightningModule):
         self.backbone_lr_mult = backbone_lr_mult
         self.channels_last = channels_last
         self.compile_net = compile
+        self.nonfinite_check_every = max(1, nonfinite_check_every)
+        self._finite: Tensor | None = None  # all losses finite since the last check (device)
         # Attributes, not a ModuleDict: a "train" key would shadow nn.Module.train.
         self.train_metrics = MultiTaskMetrics("train", full=False)
         # Epoch means of the training losses (their states are not saved in checkpoints).
@@ -207,16 +212,29 @@ class VisionCareModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, task_losses = self.model_step(batch, "train")
-        # Every step, before any checkpoint of diverged weights could be written. (On a GPU this
-        # reads one value back; the torchmetrics updates above synchronise anyway.)
-        if not torch.isfinite(total):
-            bad = [task for task, value in task_losses.items() if not torch.isfinite(value)]
-            raise TrainingDivergedError(
-                f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
-                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is "
-                "kept. Lower model.optimizer.lr or check the input data."
-            )
+        # Finiteness is accumulated on the device and read back every `nonfinite_check_every`
+        # batches and at the epoch's last one: a GPU is not synchronised every step, and the
+        # check still comes before the epoch's checkpoints could store diverged weights.
+        finite = torch.stack([torch.isfinite(v.detach()) for v in (total, *task_losses.values())])
+        self._finite = finite if self._finite is None else self._finite & finite
+        last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
+        if last or (batch_idx + 1) % self.nonfinite_check_every == 0:
+            self._raise_if_diverged(batch_idx, list(task_losses))
         return total
+
+    def _raise_if_diverged(self, batch_idx: int, tasks: list[str]) -> None:
+        """Raise `TrainingDivergedError` if a loss since the last check was NaN or infinite."""
+        total_ok, *tasks_ok = self._finite.tolist()
+        self._finite = None
+        if total_ok and all(tasks_ok):
+            return
+        bad = [task for task, ok in zip(tasks, tasks_ok, strict=True) if not ok]
+        first = batch_idx - batch_idx % self.nonfinite_check_every
+        raise TrainingDivergedError(
+            f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
+            f"{self.current_epoch}, batches {first}-{batch_idx}; the last good checkpoint is "
+            "kept. Lower model.optimizer.lr or check the input data."
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.model_step(batch, "val")
