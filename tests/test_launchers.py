@@ -121,6 +121,17 @@ def test_requeued_slurm_job_resumes_from_its_newest_checkpoint(slurm_job, tmp_pa
     assert launcher.requeue_checkpoint(run) == hpc
 
 
+def test_requeue_beats_the_given_ckpt_path_only_after_a_restart(slurm_job, monkeypatch, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    newest = tmp_path / "checkpoints" / "last.ckpt"
+    newest.write_bytes(b"x")
+    given = "/runs/earlier/checkpoints/best.ckpt"
+    assert launcher.checkpoint_to_resume(tmp_path, given) == given  # first start
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the same command again
+    assert launcher.checkpoint_to_resume(tmp_path, given) == str(newest)
+    assert launcher.checkpoint_to_resume(tmp_path / "fresh", None) is None
+
+
 def test_outside_slurm_a_run_never_resumes_by_itself(tmp_path, monkeypatch):
     for key in list(os.environ):
         if key.startswith("SLURM_"):
@@ -165,3 +176,11 @@ def test_slurm_requeue_is_resumed_by_train(slurm_job, make_cfg, monkeypatch):
     after = rows()
     assert [int(float(row["epoch"])) for row in after] == [0, 1]
     assert after[0] == first_epoch[0]  # epoch 0 was not trained again (its timing would differ)
+
+
+def test_gpu_check_script_is_valid_bash():
+    """bench/gpu_check.sh runs only where a GPU is; here at least it must parse."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert os.access(script, os.X_OK)
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -29,7 +29,7 @@ from visioncare.prediction import gradcam_examples
 from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
 from visioncare.utils.checkpoints import resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
-from visioncare.utils.launcher import requeue_checkpoint
+from visioncare.utils.launcher import checkpoint_to_resume
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
 
 log = logging.getLogger("visioncare")
@@ -144,9 +144,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir, cfg.task_name))
-    if ckpt_path is None and (requeued := requeue_checkpoint(output_dir)) is not None:
-        log.info("SLURM job requeued: resuming from its own %s", requeued)
-        ckpt_path = str(requeued)
+    if (resume := checkpoint_to_resume(output_dir, ckpt_path)) != ckpt_path:
+        log.info("SLURM job requeued: resuming from its own %s", resume)
+        ckpt_path = resume
 
     log.info("Building model <%s>", cfg.model.backbone)
     model = instantiate(cfg.model, loss=instantiate(cfg.loss))

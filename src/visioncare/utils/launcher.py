@@ -115,3 +115,19 @@ def requeue_checkpoint(run_dir: str | Path) -> Path | None:
     candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"]
     existing = [path for path in candidates if path.is_file()]
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def checkpoint_to_resume(run_dir: str | Path, ckpt_path: str | None) -> str | None:
+    """`ckpt_path`, unless this is a requeued SLURM job with a checkpoint of its own to go on from.
+
+    A first start honours the `ckpt_path` given (resume from an earlier point, say). A requeued
+    job runs the same command again; going back to that `ckpt_path` would throw away everything
+    trained since, so once SLURM has restarted the job (`SLURM_RESTART_COUNT` > 0) the run
+    directory's newest checkpoint wins. Without a `ckpt_path` it is used from the first start.
+    """
+    requeued = requeue_checkpoint(run_dir)
+    if requeued is None:
+        return ckpt_path
+    if ckpt_path is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return str(requeued)
+    return ckpt_path
