@@ -175,39 +175,48 @@ def warm_epochs(
 def model_throughput(steps: int, backbone: str = BACKBONE) -> tuple[float, str]:
     """Training images/s of the backbone (EfficientNetV2-S) at 224 px, b16, AdamW, as in training.
 
-    Precision follows `trainer.precision=auto` on the CPU: bf16 autocast only where the CPU has
-    native bf16 (emulated bf16 is an order of magnitude slower than fp32).
+    On the GPU when there is one (the loader then feeds a GPU, the case its budget is about),
+    else on the CPU. Precision follows `trainer.precision=auto`: bf16 autocast on bf16 GPUs
+    (fp16 on older ones) and on CPUs with native bf16; fp32 on other CPUs (emulated bf16 is an
+    order of magnitude slower than fp32). GPU timing is synchronised before and after.
 
     Returns:
-        (images per second, precision used)
+        (images per second, "<precision> on <device>")
     """
     torch.manual_seed(0)
-    net = TwoHeadNet(backbone).to(memory_format=torch.channels_last).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = TwoHeadNet(backbone).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
-    precision = str(resolve_precision("auto", "cpu"))
-    bf16 = precision == "bf16-mixed"
-    images = torch.randn(BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(
+    precision = str(resolve_precision("auto", device.type))
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    images = torch.randn(BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, device=device).contiguous(
         memory_format=torch.channels_last
     )
-    dr = torch.randint(0, 5, (BATCH_SIZE,))
-    dme = torch.randint(0, 3, (BATCH_SIZE,))
+    dr = torch.randint(0, 5, (BATCH_SIZE,), device=device)
+    dme = torch.randint(0, 3, (BATCH_SIZE,), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = net(images)
             loss = loss_fn(out["dr"].float(), dr) + loss_fn(out["dme"].float(), dme)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(WARMUP_STEPS):  # first steps allocate buffers and pick kernels
         step()
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     elapsed = time.perf_counter() - start
-    return steps * BATCH_SIZE / elapsed, precision
+    return steps * BATCH_SIZE / elapsed, f"{precision} on {device.type}"
 
 
 # ------------------------------------------------------------------------------- report

@@ -90,7 +90,10 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_stops_training_naming_the_task():
-    module = VisionCareModule(backbone="test_efficientnet", channels_last=False)
+    # Checked every 3 batches: no host read per step, the error within 3 batches.
+    module = VisionCareModule(
+        backbone="test_efficientnet", channels_last=False, nonfinite_check_every=3
+    )
     module.log = lambda *args, **kwargs: None  # no Trainer attached
     module.log_dict = lambda *args, **kwargs: None
     with torch.no_grad():
@@ -101,5 +104,7 @@ def test_non_finite_loss_stops_training_naming_the_task():
         "dme": torch.tensor([0, 2]),
         "source": torch.tensor([0, 0]),
     }
-    with pytest.raises(TrainingDivergedError, match=r"task: dme\) at epoch 0"):
-        module.training_step(batch, 0)
+    module.training_step(batch, 0)
+    module.training_step(batch, 1)
+    with pytest.raises(TrainingDivergedError, match=r"task: dme\) at epoch 0, batches 0-2"):
+        module.training_step(batch, 2)

@@ -36,7 +36,7 @@ def test_setup_splits_and_loads_batches(tmp_path):
     assert dm.sizes() == {"num_train": 15, "num_val": 5, "num_test": 5}
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert set(batch) == {"image", "dr", "dme", "source", "index"}
+    assert set(batch) == {"image", "dr", "dme", "source", "index", "padding"}
 
 
 def test_missing_and_corrupt_images_are_reported_together(tmp_path):

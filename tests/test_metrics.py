@@ -80,7 +80,7 @@ def test_reset_clears_state():
 def test_training_epoch_values_are_logged_once_per_epoch():
     """Train losses/metrics accumulate per step (no per-step logging) and match a hand count."""
     module = VisionCareModule(backbone="test_efficientnet", channels_last=False).eval()
-    module._trainer = SimpleNamespace(current_epoch=0, global_step=0)
+    module._trainer = SimpleNamespace(current_epoch=0, global_step=0, num_training_batches=3)
     logged: list[dict] = []
     module.log_dict = lambda values, **kwargs: logged.append(dict(values))
     generator = torch.Generator().manual_seed(0)

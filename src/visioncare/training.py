@@ -13,6 +13,7 @@ from typing import Any
 
 import cv2
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -22,11 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
-from visioncare.inference import input_spec
+from visioncare.inference import input_spec, load_model
+from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.prediction import gradcam_examples
-from visioncare.utils.accelerator import resolve_benchmark, resolve_precision
+from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
 from visioncare.utils.checkpoints import resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
+from visioncare.utils.launcher import checkpoint_to_resume
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
 
 log = logging.getLogger("visioncare")
@@ -95,6 +98,45 @@ def refuse_multirun_ddp(cfg: DictConfig) -> None:
         )
 
 
+def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Trainer of `trainer_cfg`, with VisionCare's choices for precision, cuDNN and SyncBN.
+
+    `trainer.sync_batchnorm=true` converts with timm's `convert_sync_batchnorm` (through the
+    `TimmSyncBatchNorm` plugin) instead of torch's, which drops timm's fused activations.
+    """
+    precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
+    log.info("Precision: %s", precision)
+    enable_tf32(precision, trainer_cfg.accelerator)
+    benchmark = resolve_benchmark(
+        trainer_cfg.get("benchmark"), trainer_cfg.accelerator, trainer_cfg.get("deterministic")
+    )
+    plugins = list(instantiate(trainer_cfg.get("plugins")) or [])
+    if trainer_cfg.get("sync_batchnorm"):
+        plugins.append(TimmSyncBatchNorm())
+    return instantiate(
+        trainer_cfg,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=precision,
+        benchmark=benchmark,
+        sync_batchnorm=False,
+        plugins=plugins or None,
+    )
+
+
+def load_best_weights(trainer: L.Trainer, model: L.LightningModule, best_path: str) -> None:
+    """Load `best.ckpt`'s weights on every rank from the copy rank 0 wrote.
+
+    Rank 0 reads the file and broadcasts the weights, so ranks on other nodes need not see the
+    file (node-local log directories work) and all ranks evaluate the same weights.
+    """
+    state = None
+    if trainer.is_global_zero:
+        # weights_only=True: checkpoints hold plain data only, so loading never runs pickled code.
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(trainer.strategy.broadcast(state, src=0))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, select on validation, test once; returns best validation and test metrics."""
     refuse_multirun_ddp(cfg)
@@ -102,6 +144,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir, cfg.task_name))
+    if (resume := checkpoint_to_resume(output_dir, ckpt_path)) != ckpt_path:
+        log.info("SLURM job requeued: resuming from its own %s", resume)
+        ckpt_path = resume
 
     log.info("Building model <%s>", cfg.model.backbone)
     model = instantiate(cfg.model, loss=instantiate(cfg.loss))
@@ -121,18 +166,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger; metrics.csv has `lr`
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    log.info("Precision: %s", precision)
-    benchmark = resolve_benchmark(
-        cfg.trainer.get("benchmark"), cfg.trainer.accelerator, cfg.trainer.get("deterministic")
-    )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        precision=precision,
-        benchmark=benchmark,
-    )
+    trainer = build_trainer(cfg.trainer, callbacks, loggers)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(_hparams(cfg))
@@ -148,9 +182,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
         # Re-validate the best weights for their confusion matrices, then test exactly once.
-        best = best_path or None
-        trainer.validate(model, datamodule, ckpt_path=best, verbose=False, weights_only=True)
-        results = trainer.test(model, datamodule, ckpt_path=best, weights_only=True)
+        if best_path:
+            load_best_weights(trainer, model, best_path)
+        trainer.validate(model, datamodule, verbose=False)
+        results = trainer.test(model, datamodule)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     best_metrics = dict(best_cb.best_metrics) if best_cb else {}
@@ -166,9 +201,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model_info,
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
-        log_gradcam_to_tensorboard(
-            model, datamodule, loggers, output_dir, cfg.get("gradcam_images", 4)
-        )
+        if count := cfg.get("gradcam_images", 4):
+            # A fresh model from best.ckpt, never the compiled training one, on the training
+            # device (Lightning moves the trained model back to the CPU when it is done).
+            device = str(trainer.strategy.root_device)
+            explained = load_model(best_path, device)[0] if best_path else model
+            log_gradcam_to_tensorboard(explained, datamodule, loggers, output_dir, count)
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 hp_metrics = {

@@ -37,7 +37,8 @@ class PreprocessedCache:
     def __init__(self, root: str | Path, config: PreprocessConfig) -> None:
         self.config = config
         params = json.dumps(config.as_dict(), sort_keys=True)
-        self.folder = Path(root).expanduser() / hashlib.sha1(params.encode()).hexdigest()[:12]
+        self.root = Path(root).expanduser()
+        self.folder = self.root / hashlib.sha1(params.encode()).hexdigest()[:12]
 
     def path_for(self, image: str | Path) -> Path:
         """Where the preprocessed copy of ``image`` lives (whether or not it exists yet)."""

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from visioncare.data.cache import PreprocessedCache
-from visioncare.data.dataset import EpochSeededSampler, FundusDataset
+from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, FundusDataset
+from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig
 from visioncare.data.records import Record, stratified_split
 from visioncare.data.sources.base import DatasetSource
@@ -38,7 +40,8 @@ class FundusDataModule(L.LightningDataModule):
         image_size: side of the network input in pixels.
         cache_size: side of the cached preprocessed image (>= image_size).
         batch_size: per-device batch size.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes per training process, or ``auto`` (see
+            `resolve_num_workers`).
         val_fraction: share of the training split held out for validation.
         split_seed: seed of the validation split (fixed across runs and training seeds).
         seed: seed of shuffling and augmentation (usually the run's `seed`).
@@ -62,7 +65,7 @@ class FundusDataModule(L.LightningDataModule):
         image_size: int = 224,
         cache_size: int = 256,
         batch_size: int = 16,
-        num_workers: int = 2,
+        num_workers: int | str = "auto",
         val_fraction: float = 0.2,
         split_seed: int = 0,
         seed: int = 42,
@@ -81,6 +84,10 @@ class FundusDataModule(L.LightningDataModule):
         if cache_size < image_size:
             raise ConfigurationError(
                 f"data.cache_size ({cache_size}) must be >= data.image_size ({image_size})"
+            )
+        if not (isinstance(num_workers, int) or num_workers == "auto"):
+            raise ConfigurationError(
+                f"data.num_workers must be a number of processes or 'auto', got {num_workers!r}"
             )
         if on_bad_image not in ("error", "skip"):
             raise ConfigurationError(
@@ -130,10 +137,16 @@ class FundusDataModule(L.LightningDataModule):
     def _load_and_cache(self) -> None:
         if self.splits:
             return
+        # One process at a time renders/validates/caches; the others then find it all done.
+        with exclusive_preparation(self.cache.root):
+            self._load_and_cache_unlocked()
+
+    def _load_and_cache_unlocked(self) -> None:
         loaded = self.source.load()
         validate_records(loaded, self.source.name)
         all_records = [r for records in loaded.values() for r in records]
-        cached, errors = self.cache.build([r.image for r in all_records], self.num_workers)
+        threads = None if self.num_workers == "auto" else self.num_workers  # None: all cores
+        cached, errors = self.cache.build([r.image for r in all_records], threads)
         if errors:
             problems = list(errors.values())
             if self.on_bad_image == "error":
@@ -193,19 +206,21 @@ class FundusDataModule(L.LightningDataModule):
         }
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, sampler: EpochSeededSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise DataValidationError(f"dataset '{self.source.name}' has no '{split}' split")
         dataset = self.datasets[split]
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         pin = self.pin_memory if self.pin_memory is not None else on_gpu
+        per_node = self.trainer.num_devices if self.trainer is not None else 1
+        workers = resolve_num_workers(self.num_workers, on_gpu, per_node)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler if sampler is not None else self._eval_sampler(len(dataset)),
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=pin,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             drop_last=False,
         )
 
@@ -214,10 +229,10 @@ class FundusDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _eval_sampler(self, length: int) -> list[int]:
-        """This rank's share of an evaluation split; every image is seen exactly once overall."""
+    def _eval_sampler(self, length: int) -> EvalShardSampler:
+        """This rank's share of an evaluation split; every image is counted exactly once overall."""
         rank, world = self._rank()
-        return list(range(rank, length, world))
+        return EvalShardSampler(length, rank=rank, world_size=world)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
@@ -233,6 +248,34 @@ class FundusDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+# Loader workers per training process on a CPU run: they feed the model over 100x faster than it
+# trains (bench/data_loading.py), and every extra one takes a core from the model's threads.
+CPU_RUN_WORKERS = 2
+# Beyond this a GPU's loader gains nothing and each worker still holds its own memory.
+MAX_WORKERS_PER_GPU = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask of SLURM/cgroups, not the whole machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int | str, on_gpu: bool, processes_per_node: int) -> int:
+    """`data.num_workers=auto` → loader workers for one training process.
+
+    On a GPU: this node's usable CPUs shared among its training processes, one core left to
+    each process itself, at most `MAX_WORKERS_PER_GPU`. On a CPU: `CPU_RUN_WORKERS`.
+    """
+    if num_workers != "auto":
+        return int(num_workers)
+    if not on_gpu:
+        return CPU_RUN_WORKERS
+    share = usable_cpus() // max(1, processes_per_node) - 1
+    return max(1, min(MAX_WORKERS_PER_GPU, share))
 
 
 def balanced_weights(records: Sequence[Record]) -> list[float]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from visioncare import IGNORE_INDEX
 from visioncare.data.cache import load_cached
 from visioncare.data.records import Record
 
@@ -56,19 +57,50 @@ class FundusDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        # The training sampler yields (epoch, index); evaluation loaders plain indices.
-        epoch, index = item if isinstance(item, tuple) else (0, item)
+    def __getitem__(self, item: int | tuple[int, ...]) -> dict[str, Any]:
+        # The training sampler yields (epoch, index); `EvalShardSampler` (epoch, index, padding);
+        # a plain index is epoch 0. A padding sample is ungraded (-1) for every task.
+        epoch, index, *rest = item if isinstance(item, tuple) else (0, item)
+        padding = bool(rest and rest[0])
         record = self.records[index]
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         image = self.transform(image=load_cached(self.cached[index]))["image"]
         return {
             "image": image,
-            "dr": torch.tensor(record.dr, dtype=torch.long),
-            "dme": torch.tensor(record.dme, dtype=torch.long),
+            "dr": torch.tensor(IGNORE_INDEX if padding else record.dr, dtype=torch.long),
+            "dme": torch.tensor(IGNORE_INDEX if padding else record.dme, dtype=torch.long),
             "source": self.source_ids[index],
             "index": index,
+            "padding": padding,
         }
+
+
+class EvalShardSampler(Sampler[tuple[int, int, bool]]):
+    """This rank's share of an evaluation split: every image exactly once over all ranks, and
+    the same number of samples on every rank.
+
+    Rank r takes images r, r + world, … . Shards one short are topped up with a repeated image
+    flagged as padding, which the dataset returns ungraded (-1) so no metric or loss counts it.
+    Equal shards mean every rank runs the same validation steps and epoch-end reductions: with
+    more ranks than images an empty shard would skip validation while the others wait for it.
+
+    Args:
+        num_samples: split length.
+        rank, world_size: this process's shard.
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int, bool]]:
+        for position in range(self.rank, len(self) * self.world_size, self.world_size):
+            padding = position >= self.num_samples
+            yield 0, position % self.num_samples, padding
 
 
 class EpochSeededSampler(Sampler[tuple[int, int]]):

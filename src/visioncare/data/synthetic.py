@@ -37,7 +37,9 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -1264,7 +1266,7 @@ def _install(tmp: Path, root: Path) -> None:
         root.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, root)
         return
-    trash = root.parent / f".{root.name}.old-{os.getpid()}"
+    trash = root.parent / f".{root.name}.old-{_owner_tag()}"
     shutil.rmtree(trash, ignore_errors=True)
     trash.mkdir()
     if (root / _GRADING_DIR).exists():
@@ -1274,14 +1276,27 @@ def _install(tmp: Path, root: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _owner_tag() -> str:
+    """``<host>-<pid>``: who a temp build belongs to. A process id means nothing on another node
+    sharing the filesystem, so the host is part of the name."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
 def _remove_stale_temp_dirs(root: Path) -> None:
-    """Delete temp builds of ``root`` left behind by processes that no longer exist."""
+    """Delete temp builds of ``root`` left behind by processes of this host that no longer exist.
+
+    Builds of other hosts (and of older versions, named without a host) are left alone: their
+    process cannot be checked from here and may be rendering right now.
+    """
     if not root.parent.is_dir():
         return
-    for pattern in (f".{root.name}.tmp-*", f".{root.name}.old-*"):
-        for path in root.parent.glob(pattern):
-            pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or int(pid) == os.getpid():
+    host, _, _ = _owner_tag().rpartition("-")
+    for kind in ("tmp", "old"):
+        prefix = f".{root.name}.{kind}-"
+        for path in root.parent.glob(f"{prefix}*"):
+            owner, _, pid = path.name[len(prefix) :].rpartition("-")
+            if owner != host or not pid.isdigit() or int(pid) == os.getpid():
                 continue
             try:
                 os.kill(int(pid), 0)
@@ -1348,7 +1363,7 @@ def generate_synthetic_idrid(
             )
     workers = _usable_cpus() if num_workers is None else int(num_workers)
     _remove_stale_temp_dirs(root)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    tmp = root.parent / f".{root.name}.tmp-{_owner_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

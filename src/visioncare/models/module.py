@@ -22,6 +22,7 @@ from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
+from visioncare.utils.rng import capture_rng_state, restore_rng_state
 
 # Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
 # stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
@@ -50,8 +51,14 @@ class VisionCareModule(L.LightningModule):
             top 25 % trains at ``lr·mult``, the next 25 % at ``lr·mult·decay``, the rest at
             ``lr·mult·decay²``. 1.0 = one LR for the whole backbone.
         channels_last: NHWC memory format (faster convolutions with bf16/fp16 on CPU and GPU).
-        compile: `torch.compile` the network in place at fit start (state-dict keys unchanged,
-            so checkpoints stay interchangeable). Unfreezing a stage triggers one recompile.
+        compile: `torch.compile` the network in place (state-dict keys unchanged, so checkpoints
+            stay interchangeable) once every parameter is trainable, i.e. when gradual
+            unfreezing reaches its last stage (at once with `unfreeze_step=0`). Compiling
+            earlier would recompile at every stage (requires_grad is guarded) on top of the
+            train/eval and last-partial-batch variants, past Dynamo's recompile limit, after
+            which it silently runs eager.
+        nonfinite_check_every: read the accumulated "all losses finite" flag back every this
+            many training batches (and at each epoch's last batch) instead of every step.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class VisionCareModule(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         weights_cache_dir: str | None = None,
+        nonfinite_check_every: int = 16,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
@@ -82,6 +90,8 @@ class VisionCareModule(L.LightningModule):
         self.backbone_lr_decay = backbone_lr_decay
         self.channels_last = channels_last
         self.compile_net = compile
+        self.nonfinite_check_every = max(1, nonfinite_check_every)
+        self._finite: Tensor | None = None  # all losses finite since the last check (device)
         # Attributes, not a ModuleDict: a "train" key would shadow nn.Module.train.
         self.train_metrics = MultiTaskMetrics("train", full=False)
         # Epoch means of the training losses (their states are not saved in checkpoints).
@@ -112,9 +122,15 @@ class VisionCareModule(L.LightningModule):
             }
         )
 
-    def setup(self, stage: str) -> None:
-        if self.compile_net and stage == "fit":
-            self.net.compile()
+    def maybe_compile(self) -> bool:
+        """Compile the network once all of it trains (see `compile`); True if it compiled now."""
+        compiled = getattr(self.net, "_compiled_call_impl", None) is not None
+        if not self.compile_net or compiled:
+            return False
+        if not all(p.requires_grad for p in self.net.parameters()):
+            return False
+        self.net.compile()
+        return True
 
     def split_metrics(self, split: str) -> MultiTaskMetrics:
         """The metric set of ``train``, ``val`` or ``test``."""
@@ -139,11 +155,16 @@ class VisionCareModule(L.LightningModule):
         if split == "train":
             self._accumulate_train(total, task_losses, detached, targets, batch_size)
             return total, task_losses
+        # Padding samples (`EvalShardSampler` tops up short DDP shards) carry no weight here and
+        # no labels for the metrics. (One host read per evaluation step; the metrics' input
+        # checks read back anyway.)
+        padding = batch.get("padding")
+        real = batch_size if padding is None else int((~padding).sum())
         self.log_dict(
             {f"{split}/loss": total, **{f"{split}/loss_{t}": v for t, v in task_losses.items()}},
             on_step=False,
             on_epoch=True,
-            batch_size=batch_size,
+            batch_size=real,
             sync_dist=True,
         )
         self.split_metrics(split).update(detached, targets)
@@ -201,16 +222,29 @@ class VisionCareModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, task_losses = self.model_step(batch, "train")
-        # Every step, before any checkpoint of diverged weights could be written. (On a GPU this
-        # reads one value back; the torchmetrics updates above synchronise anyway.)
-        if not torch.isfinite(total):
-            bad = [task for task, value in task_losses.items() if not torch.isfinite(value)]
-            raise TrainingDivergedError(
-                f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
-                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is "
-                "kept. Lower model.optimizer.lr or check the input data."
-            )
+        # Finiteness is accumulated on the device and read back every `nonfinite_check_every`
+        # batches and at the epoch's last one: a GPU is not synchronised every step, and the
+        # check still comes before the epoch's checkpoints could store diverged weights.
+        finite = torch.stack([torch.isfinite(v.detach()) for v in (total, *task_losses.values())])
+        self._finite = finite if self._finite is None else self._finite & finite
+        last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
+        if last or (batch_idx + 1) % self.nonfinite_check_every == 0:
+            self._raise_if_diverged(batch_idx, list(task_losses))
         return total
+
+    def _raise_if_diverged(self, batch_idx: int, tasks: list[str]) -> None:
+        """Raise `TrainingDivergedError` if a loss since the last check was NaN or infinite."""
+        total_ok, *tasks_ok = self._finite.tolist()
+        self._finite = None
+        if total_ok and all(tasks_ok):
+            return
+        bad = [task for task, ok in zip(tasks, tasks_ok, strict=True) if not ok]
+        first = batch_idx - batch_idx % self.nonfinite_check_every
+        raise TrainingDivergedError(
+            f"non-finite training loss (task: {', '.join(bad) or 'total'}) at epoch "
+            f"{self.current_epoch}, batches {first}-{batch_idx}; the last good checkpoint is "
+            "kept. Lower model.optimizer.lr or check the input data."
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.model_step(batch, "val")
@@ -220,6 +254,8 @@ class VisionCareModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- epoch ends
     def on_train_epoch_start(self) -> None:
+        # Callbacks' epoch-start hooks run first: the unfreezing stage of this epoch is set.
+        self.maybe_compile()
         # The heads' group is first: its LR is the run's reference learning rate.
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
 
@@ -292,19 +328,14 @@ class VisionCareModule(L.LightningModule):
         # Which weights training started from (package + sha256, hub id, file or random).
         checkpoint["visioncare_weights"] = dict(self.net.weights_provenance)
         # Dropout draws from the global generators: without their state a resumed run diverges.
-        checkpoint["visioncare_rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["visioncare_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("visioncare_config", self.run_config)
         self.net.weights_provenance = checkpoint.get("visioncare_weights", {"source": "unknown"})
         rng = checkpoint.get("visioncare_rng")
         if rng and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            restore_rng_state(rng)
 
 
 def _plain(value: Any) -> Any:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visioncare.errors import VisionCareError
 from visioncare.utils.checkpoints import resume_run_dir
+from visioncare.utils.launcher import hydra_output_subdir, run_name
 
 log = logging.getLogger("visioncare")
 
@@ -25,8 +26,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def register_resolvers() -> None:
     """Resolvers the configs use; called by the entry points before Hydra composes."""
-    if not OmegaConf.has_resolver("resume_run_dir"):
-        OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir)
+    resolvers = {
+        "resume_run_dir": resume_run_dir,
+        "run_name": run_name,
+        "rank_zero_subdir": hydra_output_subdir,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

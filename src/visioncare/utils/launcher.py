@@ -1,0 +1,133 @@
+"""One run, one directory, whatever started the processes.
+
+Hydra resolves `hydra.run.dir` in every process before the job starts, so a timestamp taken by each
+process would give every rank a directory of its own (and rank 1 would look for `best.ckpt` in an
+empty one). The run's name is therefore keyed on what the launcher shares:
+
+- SLURM (`srun`, detected as Lightning detects it): ``slurm-<job id>`` (plus ``.<step>`` inside an
+  allocation's numbered job steps). The name survives a requeue, so a requeued job finds its own
+  checkpoints again (`requeue_checkpoint`).
+- torchrun: every rank proposes its timestamp to the elastic agent's TCP store with one atomic
+  ``compare_set``; the first proposal wins and every rank, on every node, uses it.
+- Lightning's own DDP launcher passes ``hydra.run.dir`` to the processes it starts: nothing to do.
+- A single process: its own timestamp, with microseconds so two runs never share a directory.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from functools import cache
+from pathlib import Path
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from visioncare.errors import ConfigurationError
+
+TIMESTAMP_FORMAT = "%Y-%m-%d_%H-%M-%S-%f"
+# How long a torchrun rank waits for the elastic agent's store (it is up before workers start).
+STORE_TIMEOUT = timedelta(seconds=60)
+
+
+def timestamp() -> str:
+    """This process's clock as a run name."""
+    return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+def slurm_run_name() -> str | None:
+    """``slurm-<job id>[.<step>]`` under a SLURM job that Lightning treats as one, else None.
+
+    Array tasks use ``<array job id>_<task id>``, the id `scontrol requeue` takes.
+    """
+    if not SLURMEnvironment.detect():
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{array_task}" if array_job and array_task else os.environ["SLURM_JOB_ID"]
+    step = os.environ.get("SLURM_STEP_ID", "")
+    return f"slurm-{job}.{step}" if step.isdigit() else f"slurm-{job}"
+
+
+def torchelastic_run_name(proposal: str) -> str | None:
+    """The run name all torchrun ranks agree on (first proposal wins), or None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    run_id = os.environ["TORCHELASTIC_RUN_ID"]
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            host_name=os.environ["MASTER_ADDR"],
+            port=int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=STORE_TIMEOUT,
+        )
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = f"visioncare/run_name/{run_id}/{restart}"
+        return store.compare_set(key, "", proposal).decode()
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    raise ConfigurationError(
+        "torchrun without its agent's store and without --rdzv-id: the ranks cannot agree on one "
+        "run directory. Pass --rdzv-id=<unique id> (or --standalone) to torchrun, or give every "
+        "rank the same hydra.run.dir=<dir>"
+    )
+
+
+@cache
+def run_name() -> str:
+    """Hydra resolver ``${run_name:}``: the name of this run's directory (see the module doc).
+
+    Cached: Hydra may resolve the run directory more than once per process.
+    """
+    return slurm_run_name() or torchelastic_run_name(timestamp()) or timestamp()
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (0 before any process group exists)."""
+    for variable in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def hydra_output_subdir(subdir: str) -> str | None:
+    """Hydra resolver ``${rank_zero_subdir:.hydra}``: only rank 0 writes the composed config.
+
+    Every rank shares the run directory; N processes rewriting `.hydra/config.yaml` at once could
+    leave it torn. (Lightning's launcher passes ``hydra.output_subdir=null`` for the same reason.)
+    """
+    return subdir if launcher_rank() == 0 else None
+
+
+def requeue_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a requeued SLURM job continues from: the newest in its own run directory.
+
+    That is Lightning's `hpc_ckpt_<n>.ckpt` (written when SLURM sends the requeue signal) or
+    VisionCare's `checkpoints/last.ckpt` (written every epoch; all there is after a node
+    failure or a preemption without warning). Outside SLURM, None: a fresh run never resumes
+    by itself.
+    """
+    if slurm_run_name() is None:
+        return None
+    run_dir = Path(run_dir)
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def checkpoint_to_resume(run_dir: str | Path, ckpt_path: str | None) -> str | None:
+    """`ckpt_path`, unless this is a requeued SLURM job with a checkpoint of its own to go on from.
+
+    A first start honours the `ckpt_path` given (resume from an earlier point, say). A requeued
+    job runs the same command again; going back to that `ckpt_path` would throw away everything
+    trained since, so once SLURM has restarted the job (`SLURM_RESTART_COUNT` > 0) the run
+    directory's newest checkpoint wins. Without a `ckpt_path` it is used from the first start.
+    """
+    requeued = requeue_checkpoint(run_dir)
+    if requeued is None:
+        return ckpt_path
+    if ckpt_path is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return str(requeued)
+    return ckpt_path
