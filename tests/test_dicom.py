@@ -153,3 +153,42 @@ def test_folders_and_globs_include_dicom(tmp_path, photo):
     names = [p.name for p in collect_images(tmp_path)]
     assert names == ["a.dcm", "b.DCM", "c.jpg", "d.png"]
     assert [p.name for p in collect_images(f"{tmp_path}/*.dcm")] == ["a.dcm"]
+
+
+def _dicom_table(root: Path, photo: np.ndarray, broken: bool = False) -> Path:
+    """A CSV-table dataset of DICOM photos listed without extension (two per DR grade)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(10):
+        write_dicom(root / f"eye{i}.dcm", np.roll(photo, 3 * i, axis=1))
+        rows.append(f"eye{i},{i // 2},0")
+    if broken:
+        write_dicom(root / "report.dcm", None)
+        rows.append("report,1,0")
+    (root / "labels.csv").write_text("image,dr,dme\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def test_training_data_can_be_dicom(tmp_path, make_cfg, photo):
+    """The cache reads DICOM like any photo, and crops the located field."""
+    from hydra.utils import instantiate
+
+    root = _dicom_table(tmp_path / "clinic", photo)
+    cfg = make_cfg("data=csv", f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}")
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    assert len(datamodule.cached) == 10
+    cached = np.load(next(iter(datamodule.cached.values())))
+    assert cached.shape == (72, 72, 3)
+    assert not cached[[0, 0, -1, -1], [0, -1, 0, -1]].any() and cached[36, 36].any()
+
+
+def test_dicom_without_pixels_in_a_dataset_fails_before_training(tmp_path, make_cfg, photo):
+    from hydra.utils import instantiate
+
+    from visioncare.errors import DataValidationError
+
+    root = _dicom_table(tmp_path / "clinic", photo, broken=True)
+    cfg = make_cfg("data=csv", f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(DataValidationError, match=r"report\.dcm is a DICOM file without pixel"):
+        instantiate(cfg.data).prepare_data()
