@@ -171,23 +171,28 @@ class OnnxNet:
         return {task: torch.from_numpy(out) for task, out in zip(TASKS, outputs, strict=True)}
 
 
-def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec]:
-    """`OnnxNet` and the `InputSpec` from the `preprocessing.json` written beside it by export."""
-    model_path = Path(path).expanduser()
+def onnx_input_spec(model_path: Path) -> InputSpec:
+    """The `InputSpec` in the `preprocessing.json` that export writes beside `model.onnx`."""
     spec_path = model_path.with_name("preprocessing.json")
     if not model_path.is_file():
-        raise ConfigurationError(f"ckpt_path={str(path)!r} does not exist")
+        raise ConfigurationError(f"ckpt_path={str(model_path)!r} does not exist")
     if not spec_path.is_file():
         raise ConfigurationError(
             f"{spec_path} is missing: an ONNX model needs the preprocessing.json that "
             "`python src/export.py` writes beside model.onnx (copy both together)"
         )
     try:
-        spec = InputSpec.from_dict(json.loads(spec_path.read_text()))
+        return InputSpec.from_dict(json.loads(spec_path.read_text()))
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigurationError(
             f"{spec_path} is not a VisionCare preprocessing file ({error}); re-run export"
         ) from None
+
+
+def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec]:
+    """`OnnxNet` and the `InputSpec` from the `preprocessing.json` written beside it by export."""
+    model_path = Path(path).expanduser()
+    spec = onnx_input_spec(model_path)
     try:
         net = OnnxNet(model_path, device)
     except ConfigurationError:
