@@ -216,6 +216,29 @@ def test_no_fundus_is_padded_whole_and_flagged(tmp_path: Path) -> None:
     assert out.image[:10].max() == 0 and out.image[25, 25].max() == 90  # padded, not cropped
 
 
+def test_uncropped_photos_are_still_judged(tmp_path: Path) -> None:
+    """crop_fundus=false pads the whole photo, but the field is located for the flag."""
+    canvas = np.zeros((300, 600, 3), np.uint8)
+    cv2.circle(canvas, (250, 140), 100, (8, 12, 30), -1)  # a very dark disc
+    path = _write(tmp_path / "dark.png", canvas)
+    out = prepare(path, PreprocessConfig(size=60, crop_fundus=False), QualityThresholds())
+    assert out.field is not None and out.quality == "too_dark"
+    assert not out.image[:15].any() and out.image[15:45].any()  # padded whole, not cropped
+
+
+def test_old_preprocessing_json_loads_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from visioncare.inference import InputSpec
+
+    old = {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    old["preprocess"] = {"size": 72, "crop_fundus": True, "ben_graham": False, "threshold": 10}
+    with caplog.at_level("WARNING", logger="visioncare"):
+        spec = InputSpec.from_dict(old)
+    assert spec.preprocess == PreprocessConfig(size=72)
+    assert "re-export" in caplog.text
+    caplog.clear()
+    assert InputSpec.from_dict(spec.as_dict()) == spec and not caplog.text
+
+
 def test_a_new_localisation_algorithm_gets_a_new_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -85,7 +85,8 @@ class Prepared:
     Attributes:
         image: RGB uint8 (size, size, 3).
         width, height: the photo's size in its own pixels.
-        field: the located fundus field in the photo's pixels (None: not found or not looked for).
+        field: the located fundus field in the photo's pixels (None: not found, or not looked
+            for: no crop and no quality flag asked).
         quality: `ok` or the reasons the photo is doubtful (`visioncare.data.quality`).
     """
 
@@ -192,15 +193,17 @@ def prepare(
     """
     image, (width, height) = decode(path, target=config.size)
     scale = width / image.shape[1]
-    field = locate_fundus(image) if config.crop_fundus else None
-    if field is not None:
+    # Located for the quality flag too, so crop_fundus=false photos are still judged.
+    wanted = config.crop_fundus or thresholds is not None
+    field = locate_fundus(image) if wanted else None
+    if field is not None and config.crop_fundus:
         out = crop_to_field(image, field, config.size)
     else:
         out = pad_to_square(image, config.size)
     if config.ben_graham:
         out = ben_graham(out)
     quality = OK
-    if thresholds is not None and config.crop_fundus:
+    if thresholds is not None:
         quality = assess(image, field, thresholds, min_diameter=config.size, scale=scale)
     return Prepared(
         image=out,
