@@ -119,6 +119,15 @@ def small_in_large_frame(image, truth):
     return frame, (truth[0] * f + 300, truth[1] * f + 400, truth[2] * f)
 
 
+def tiny_in_huge_frame(image, truth):
+    """A 150 px field in a 2000 px frame: found, then re-located on a crop around it."""
+    small = cv2.resize(image, (150, 150), interpolation=cv2.INTER_AREA)
+    frame = np.zeros((1500, 2000, 3), np.uint8)
+    frame[900:1050, 1500:1650] = small
+    f = 150 / 706
+    return frame, (truth[0] * f + 1500, truth[1] * f + 900, truth[2] * f)
+
+
 def darkened(image, truth):
     return (image.astype(np.float32) * 0.22).astype(np.uint8), truth
 
@@ -152,6 +161,7 @@ PERTURBATIONS: list[Callable] = [
     clipped_by_frame,
     off_centre,
     small_in_large_frame,
+    tiny_in_huge_frame,
     darkened,
     brightened,
     grayscale,
@@ -219,3 +229,19 @@ def test_other_skimage_photos_are_not_fundus():
     """Real photos of other things (a rocket, a cat) must not yield a confident circle."""
     for name in ("rocket", "chelsea", "astronaut", "coffee"):
         assert locate_fundus(getattr(data, name)()) is None, name
+
+
+def test_synthetic_fields_match_the_geometry_they_were_drawn_with():
+    """The synthetic set (the default training data) crops as intended, cuts included."""
+    from visioncare.data.synthetic import _render_scene
+
+    for seed in range(10):
+        image, geometry = _render_scene(seed % 5, 0, 256, np.random.default_rng(seed))[:2]
+        field = locate_fundus(image)
+        assert field is not None, seed
+        assert field.radius == pytest.approx(geometry.radius, rel=0.03), seed
+        cx, cy = geometry.centre
+        assert np.hypot(field.center_x - cx, field.center_y - cy) <= 0.03 * geometry.radius
+        if geometry.clip is not None:  # cut flat at centre ± clip
+            assert field.top == pytest.approx(cy - geometry.clip, abs=2.5), seed
+            assert field.bottom == pytest.approx(cy + geometry.clip, abs=2.5), seed

@@ -29,13 +29,15 @@ import numpy as np
 
 LOCALISATION_VERSION = "circle-cuts-1"
 WORK_SIDE = 512  # px, long side of the copy the field is located on
-MIN_RADIUS = 0.15  # of the working copy's long side: anything smaller is a logo, not a field
+MIN_RADIUS = 0.04  # of the working copy's long side: anything smaller is a logo, not a field
+REFINE_BELOW = 0.25  # radius share of the long side under which the field is re-located on a crop
 MAX_RADIUS = 0.9
 CUT_MARGIN = 0.02  # of the radius: a field edge further inside the circle than this is a cut
 RANSAC_ITERATIONS = 400
 INLIER_TOLERANCE = 1.5  # px on the working copy
 MIN_INLIER_SHARE = 0.35  # of the outline off the frame's edge that must lie on the circle
 MIN_FILL = 0.85  # of the circle (inside frame and cuts) the field component must cover
+MAX_SURROUND = 0.4  # mean score outside the field, relative to inside: a field stands out
 CHROMA_FLOOR = 12  # 99th-percentile R − B below this: a colourless photo, score by brightness
 
 
@@ -72,15 +74,14 @@ def _score(small: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(chroma, (5, 5), 0)
 
 
-def _field_mask(small: np.ndarray) -> np.ndarray | None:
+def _field_mask(score: np.ndarray) -> np.ndarray | None:
     """The largest foreground component, holes filled (uint8 0/1), or None if there is none."""
-    score = _score(small)
     if int(score.max()) < CHROMA_FLOOR:
         return None  # black (or colourless and dark) frame: nothing to find
     threshold, _ = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Otsu on a photo whose border is pure noise can land in that noise: keep a floor.
     mask = (score > max(threshold, CHROMA_FLOOR / 2)).astype(np.uint8)
-    side = max(3, round(max(small.shape[:2]) / 64) | 1)
+    side = max(3, round(max(score.shape[:2]) / 64) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -143,13 +144,40 @@ def _fit_circle(outline: np.ndarray, long_side: int) -> tuple[np.ndarray, float]
 
 
 def locate_fundus(image: np.ndarray) -> FundusField | None:
-    """The fundus field of an RGB uint8 photo, or None when no plausible field is found."""
+    """The fundus field of an RGB uint8 photo, or None when no plausible field is found.
+
+    A field small in a large frame is located again on a crop around it, so its circle gets
+    the working copy's full resolution.
+    """
+    field = _locate(image)
+    if field is None or field.radius >= REFINE_BELOW * max(image.shape[:2]):
+        return field
+    height, width = image.shape[:2]
+    margin = 1.25 * field.radius
+    x0, y0 = max(0, int(field.center_x - margin)), max(0, int(field.center_y - margin))
+    x1 = min(width, int(field.center_x + margin) + 1)
+    y1 = min(height, int(field.center_y + margin) + 1)
+    refined = _locate(image[y0:y1, x0:x1])
+    if refined is None:
+        return field
+    return FundusField(
+        refined.center_x + x0,
+        refined.center_y + y0,
+        refined.radius,
+        refined.top + y0,
+        refined.bottom + y0,
+    )
+
+
+def _locate(image: np.ndarray) -> FundusField | None:
+    """One localisation pass on a working copy of ``image`` (see the module docstring)."""
     height, width = image.shape[:2]
     scale = WORK_SIDE / max(height, width)
     small = cv2.resize(
         image, (max(1, round(width * scale)), max(1, round(height * scale))), cv2.INTER_AREA
     )
-    mask = _field_mask(small)
+    score = _score(small)
+    mask = _field_mask(score)
     if mask is None:
         return None
     h, w = mask.shape
@@ -174,6 +202,9 @@ def locate_fundus(image: np.ndarray) -> FundusField | None:
     inside = field_mask((h, w), field)
     if not inside.any() or (mask & inside).sum() < MIN_FILL * inside.sum():
         return None  # the outline looked round but the circle is not filled by the field
+    outside = inside == 0
+    if outside.any() and score[outside].mean() > MAX_SURROUND * score[inside == 1].mean():
+        return None  # a round patch of texture (noise, a photo of something else), not a field
     return field.scaled(1 / scale)
 
 
