@@ -330,3 +330,15 @@ def test_cache_build_reports_unreadable_files_and_leaves_no_temporaries(tmp_path
     again, errors_again = cache.build([good, bad], num_workers=2)
     assert again == {good: entries[good]} and set(errors_again) == {bad}
     assert entries[good].stat().st_mtime_ns == mtime
+
+
+def test_cache_build_warns_about_photos_without_a_fundus(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = _write(tmp_path / "good.jpg", _disc(300, 400, 140))
+    blank = _write(tmp_path / "blank.png", np.full((100, 120, 3), 90, np.uint8))
+    cache = PreprocessedCache(tmp_path / "cache", PreprocessConfig(size=64))
+    with caplog.at_level("WARNING", logger="visioncare.data.cache"):
+        entries, errors = cache.build([good, blank], num_workers=1)
+    assert set(entries) == {good, blank} and not errors  # kept, padded whole
+    assert "No fundus field found in 1 image(s)" in caplog.text and "blank.png" in caplog.text
