@@ -342,3 +342,17 @@ def test_cache_build_warns_about_photos_without_a_fundus(
         entries, errors = cache.build([good, blank], num_workers=1)
     assert set(entries) == {good, blank} and not errors  # kept, padded whole
     assert "No fundus field found in 1 image(s)" in caplog.text and "blank.png" in caplog.text
+
+
+def test_a_small_field_in_a_large_jpeg_is_decoded_at_full_size(tmp_path: Path) -> None:
+    """Reduced decoding would leave a 150 px field 37 px wide: it is decoded again in full."""
+    canvas = np.zeros((1300, 2000, 3), np.uint8)
+    canvas[400:700, 900:1200] = _disc(300, 300, 150)
+    path = _write(tmp_path / "small_field.jpg", canvas)
+    out = prepare(path, PreprocessConfig(size=256))
+    assert out.field is not None
+    assert out.field.radius == pytest.approx(150, abs=3)
+    full = read_image(path)  # no target: every pixel
+    reference = fundus.crop_to_field(full, fundus.locate_fundus(full), 256)
+    # The texture survives: the crop equals the one from the full decode, not an upsampled blur.
+    assert np.abs(out.image.astype(int) - reference).mean() < 1.0

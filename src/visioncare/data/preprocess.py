@@ -196,6 +196,11 @@ def prepare(
     # Located for the quality flag too, so crop_fundus=false photos are still judged.
     wanted = config.crop_fundus or thresholds is not None
     field = locate_fundus(image) if wanted else None
+    if field is not None and scale > 1 and 2 * field.radius < config.size:
+        # Reduced decoding assumed the field fills the frame; a small one needs every pixel.
+        image, _ = decode(path)
+        scale = 1.0
+        field = locate_fundus(image)
     if field is not None and config.crop_fundus:
         out = crop_to_field(image, field, config.size)
     else:
