@@ -20,8 +20,9 @@ from pathlib import Path
 from common import Row, machine_line, print_table
 
 HERE = Path(__file__).resolve().parent
-# Issue order: data feeding first (it sizes everything else), then training, inference, memory.
-BENCHMARKS = ("data_loading", "training_speed", "inference", "memory")
+# Issue order: data feeding first (it sizes everything else), then training, inference,
+# Grad-CAM, memory.
+BENCHMARKS = ("data_loading", "training_speed", "inference", "gradcam", "memory")
 # `--smoke`: the smallest settings that still run every code path (timm's test_efficientnet, tiny
 # images, one or two steps). The figures mean nothing; tests/test_bench.py uses it so `make bench`
 # cannot silently break.
@@ -34,6 +35,10 @@ SMOKE_ARGS = {
     "inference": (
         "--backbone test_efficientnet --image-size 32 --batch-size 2 --images 4 --render-size 128 "
         "--workers 0 --rounds 1"
+    ),
+    "gradcam": (
+        "--backbone test_efficientnet --image-size 32 --batch-size 2 --images 3 "
+        "--photo-width 400 --overlay-size 64 --rounds 1"
     ),
     "memory": "--backbone test_efficientnet --batches 1 --num-train 20",
 }

@@ -22,6 +22,7 @@ BUDGETED_ROWS = (
     "Training speed: Default CPU recipe",
     "Inference: Model only: onnxruntime ÷ PyTorch eager",
     "Inference: predict.py pipeline: onnxruntime ÷ PyTorch eager",
+    "Grad-CAM: Batched ÷ per-image loop",
 )
 
 

@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file
 
 from tests.conftest import CONF, ROOT, predict_cfg
+from visioncare.data.fundus import LOCALISATION_VERSION
 from visioncare.errors import ConfigurationError
 from visioncare.export import (
     OUTPUT_NAMES,
@@ -89,6 +90,9 @@ def test_preprocessing_json(exported):
     info = json.loads((out / "preprocessing.json").read_text())
     assert info["image_size"] == 64 and len(info["mean"]) == 3 and len(info["std"]) == 3
     assert info["preprocess"]["size"] == 72
+    # The crop is recorded: which localisation algorithm, and in words what it does.
+    assert info["preprocess"]["localisation"] == LOCALISATION_VERSION
+    assert "circle" in info["fundus_crop"]
     assert info["class_names"] == {
         "dr": [f"DR {k}" for k in range(5)], "dme": [f"DME {k}" for k in range(3)],
     }  # fmt: skip

@@ -7,14 +7,17 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import timm
 import torch
+from skimage import data
 
 from tests.conftest import predict_cfg
+from tests.test_dicom import write_dicom
 from visioncare.errors import ConfigurationError
 from visioncare.inference import ImagePreprocessor, input_spec, load_model
-from visioncare.prediction import csv_columns, find_target_layer, predict
+from visioncare.prediction import csv_columns, find_target_layer, predict, write_gradcam
 
 NUM_IMAGES = 5
 
@@ -110,18 +113,69 @@ def test_predictions_match_the_models_forward(tmp_path, trained):
             assert int(row[f"{task}_grade"]) == int(expected.argmax())
 
 
-def test_explain_writes_overlays_of_the_input_size(tmp_path, trained):
+def test_explain_overlays_the_cropped_fundus(tmp_path, trained):
+    """Overlays are the fundus square (explain_size px), black outside the field."""
     ckpt, images = trained
     folder = tmp_path / "two"
     folder.mkdir()
     for image in images[:2]:
         shutil.copy(image, folder / image.name)
-    predict(predict_cfg(tmp_path, ckpt, folder, "explain=true"))
+    predict(predict_cfg(tmp_path, ckpt, folder, "explain=true", "explain_size=160"))
     for image in images[:2]:
-        height, width = cv2.imread(str(image)).shape[:2]
         for task in ("dr", "dme"):
             overlay = cv2.imread(str(tmp_path / "run" / "gradcam" / f"{image.stem}_{task}.png"))
-            assert overlay is not None and overlay.shape == (height, width, 3)
+            assert overlay is not None and overlay.shape == (160, 160, 3)
+            corners = overlay[[0, 0, -1, -1], [0, -1, 0, -1]]
+            assert not corners.any()  # outside the circle: black, no heat colours
+            assert overlay[80, 80].any()  # the centre of the field is drawn
+
+
+def test_batched_gradcam_equals_one_image_at_a_time(tmp_path, trained):
+    """Batching (both tasks, several images per pass) must not change any image's CAM."""
+    ckpt, images = trained
+    model, config = load_model(ckpt)
+    spec = input_spec(model, config)
+    paths = images[:3]
+    preprocessor = ImagePreprocessor(spec)
+    with torch.no_grad():
+        logits = model(torch.stack([preprocessor(p) for p in paths]))
+    probs = {task: value.softmax(dim=1) for task, value in logits.items()}
+    errors = [""] * len(paths)
+    one = write_gradcam(model, spec, paths, probs, errors, tmp_path / "one", batch_size=1, size=96)
+    many = write_gradcam(
+        model, spec, paths, probs, errors, tmp_path / "many", batch_size=3, size=96
+    )
+    assert sorted(p.name for p in one) == sorted(p.name for p in many)
+    assert len(one) == 2 * len(paths)
+    for path in one:
+        a = cv2.imread(str(path)).astype(int)
+        b = cv2.imread(str(tmp_path / "many" / path.name)).astype(int)
+        assert np.abs(a - b).max() <= 2, path.name
+
+
+def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
+    """A clinic's export folder: one row per photo, errors only for the broken files, and a
+    quality flag per photo (a darkened copy is flagged, the prediction is still made)."""
+    ckpt, _ = trained
+    photo = cv2.resize(data.retina(), (300, 300), interpolation=cv2.INTER_AREA)
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    write_dicom(folder / "op_rgb.dcm", photo)
+    write_dicom(folder / "no_image.dcm", None)
+    cv2.imwrite(str(folder / "photo.jpg"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    dark = (photo * 0.15).astype(np.uint8)
+    cv2.imwrite(str(folder / "dark.png"), cv2.cvtColor(dark, cv2.COLOR_RGB2BGR))
+    (folder / "cut.jpg").write_bytes((folder / "photo.jpg").read_bytes()[:500])
+    result = predict(predict_cfg(tmp_path, ckpt, folder))
+    rows = {Path(r["image"]).name: r for r in _read(Path(result["output"]))}
+    assert sorted(rows) == ["cut.jpg", "dark.png", "no_image.dcm", "op_rgb.dcm", "photo.jpg"]
+    assert "without pixel data" in rows["no_image.dcm"]["error"]
+    assert "truncated" in rows["cut.jpg"]["error"]
+    for name in ("op_rgb.dcm", "photo.jpg", "dark.png"):
+        assert rows[name]["error"] == "" and rows[name]["dr_grade"] != "", name
+    assert rows["op_rgb.dcm"]["quality"] == "ok" and rows["photo.jpg"]["quality"] == "ok"
+    assert rows["dark.png"]["quality"] == "too_dark"
+    assert rows["no_image.dcm"]["quality"] == ""
 
 
 @pytest.mark.parametrize(

@@ -15,15 +15,17 @@ import cv2
 import numpy as np
 import pytest
 
+from visioncare.data import fundus
 from visioncare.data.cache import PreprocessedCache
 from visioncare.data.preprocess import (
     PreprocessConfig,
     UnreadableImageError,
     ben_graham,
-    crop_to_fundus,
+    prepare,
     preprocess,
     read_image,
 )
+from visioncare.data.quality import QualityThresholds
 
 
 def _write(path: Path, image: np.ndarray, ext: str | None = None) -> Path:
@@ -176,34 +178,78 @@ def test_missing_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- crop, Ben Graham, resize
 
 
-def test_crop_to_fundus_is_square_and_tight() -> None:
+def test_prepare_centres_the_field_and_reports_it_in_photo_pixels(tmp_path: Path) -> None:
+    """An off-centre disc: the crop centres it, the field is in the photo's own pixels."""
     canvas = np.zeros((300, 600, 3), np.uint8)
-    cv2.circle(canvas, (250, 140), 100, (180, 90, 40), -1)  # disc spans x 150-350, y 40-240
-    cropped = crop_to_fundus(canvas)
-    assert cropped.shape == (201, 201, 3)
-    mask = cropped.max(axis=2) > 10
+    cv2.circle(canvas, (250, 140), 100, (40, 90, 180), -1)  # BGR: a reddish disc
+    path = _write(tmp_path / "disc.png", canvas)
+    out = prepare(path, PreprocessConfig(size=64), QualityThresholds())
+    assert (out.width, out.height) == (600, 300)
+    assert out.field is not None
+    assert out.field.center_x == pytest.approx(250.5, abs=1.5)
+    assert out.field.center_y == pytest.approx(140.5, abs=1.5)
+    assert out.field.radius == pytest.approx(100, abs=2)
+    mask = out.image.max(axis=2) > 0
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    # Tight: the disc touches all four edges, no black band is left on any side.
-    assert (rows[0], rows[-1], cols[0], cols[-1]) == (0, 200, 0, 200)
-    assert mask.mean() == pytest.approx(np.pi / 4, abs=0.02)
+    assert rows[0] <= 1 and rows[-1] >= 62 and cols[0] <= 1 and cols[-1] >= 62  # fills it
+    assert mask.mean() == pytest.approx(np.pi / 4, abs=0.03)
 
 
-def test_crop_to_fundus_pads_a_cut_off_disc_to_a_centred_square() -> None:
-    """IDRiD-like: the disc is clipped at top and bottom, so the crop is wider than tall."""
+def test_reduced_decoding_reports_the_field_in_full_size_pixels(tmp_path: Path) -> None:
+    """A 2000×1300 JPEG decoded at 1/4: the field still comes back in the photo's pixels."""
+    path = _write(tmp_path / "large.jpg", _disc(1300, 2000, 600))
+    out = prepare(path, PreprocessConfig(size=256))
+    assert (out.width, out.height) == (2000, 1300)
+    assert out.field is not None
+    assert out.field.center_x == pytest.approx(1000, abs=8)
+    assert out.field.radius == pytest.approx(600, abs=12)
+
+
+def test_no_fundus_is_padded_whole_and_flagged(tmp_path: Path) -> None:
+    black = _write(tmp_path / "black.png", np.zeros((120, 200, 3), np.uint8))
+    out = prepare(black, PreprocessConfig(size=50), QualityThresholds())
+    assert out.field is None and out.quality == "no_fundus_found"
+    assert out.image.shape == (50, 50, 3) and not out.image.any()
+    grey = np.full((120, 200, 3), 90, np.uint8)
+    out = prepare(_write(tmp_path / "grey.png", grey), PreprocessConfig(size=50))
+    assert out.field is None
+    assert out.image[:10].max() == 0 and out.image[25, 25].max() == 90  # padded, not cropped
+
+
+def test_uncropped_photos_are_still_judged(tmp_path: Path) -> None:
+    """crop_fundus=false pads the whole photo, but the field is located for the flag."""
     canvas = np.zeros((300, 600, 3), np.uint8)
-    cv2.circle(canvas, (300, 150), 180, (200, 120, 60), -1)  # taller than the canvas
-    cropped = crop_to_fundus(canvas)
-    assert cropped.shape == (361, 361, 3)
-    mask = cropped.max(axis=2) > 10
-    rows = np.flatnonzero(mask.any(axis=1))
-    assert rows[0] == 30 and rows[-1] == 329  # 300 rows of field, 30 + 31 rows of padding
+    cv2.circle(canvas, (250, 140), 100, (8, 12, 30), -1)  # a very dark disc
+    path = _write(tmp_path / "dark.png", canvas)
+    out = prepare(path, PreprocessConfig(size=60, crop_fundus=False), QualityThresholds())
+    assert out.field is not None and out.quality == "too_dark"
+    assert not out.image[:15].any() and out.image[15:45].any()  # padded whole, not cropped
 
 
-def test_crop_to_fundus_all_black_does_not_crash() -> None:
-    black = np.zeros((120, 200, 3), np.uint8)
-    out = crop_to_fundus(black)
-    assert out.shape == (200, 200, 3) and out.dtype == np.uint8
-    assert not out.any()
+def test_old_preprocessing_json_loads_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from visioncare.inference import InputSpec
+
+    old = {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    old["preprocess"] = {"size": 72, "crop_fundus": True, "ben_graham": False, "threshold": 10}
+    with caplog.at_level("WARNING", logger="visioncare"):
+        spec = InputSpec.from_dict(old)
+    assert spec.preprocess == PreprocessConfig(size=72)
+    assert "re-export" in caplog.text
+    caplog.clear()
+    assert InputSpec.from_dict(spec.as_dict()) == spec and not caplog.text
+
+
+def test_a_new_localisation_algorithm_gets_a_new_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached crops made by another algorithm version are never reused."""
+    config = PreprocessConfig(size=64)
+    assert config.as_dict()["localisation"] == fundus.LOCALISATION_VERSION
+    before = PreprocessedCache(tmp_path, config).folder
+    monkeypatch.setattr("visioncare.data.preprocess.LOCALISATION_VERSION", "circle-cuts-next")
+    assert PreprocessedCache(tmp_path, config).folder != before
+    old_keys = {"size": 64, "crop_fundus": True, "ben_graham": False, "threshold": 10}
+    assert PreprocessConfig.from_dict(old_keys) == config  # old exports still load
 
 
 def test_ben_graham_keeps_dtype_and_centres_flat_image() -> None:
@@ -284,3 +330,29 @@ def test_cache_build_reports_unreadable_files_and_leaves_no_temporaries(tmp_path
     again, errors_again = cache.build([good, bad], num_workers=2)
     assert again == {good: entries[good]} and set(errors_again) == {bad}
     assert entries[good].stat().st_mtime_ns == mtime
+
+
+def test_cache_build_warns_about_photos_without_a_fundus(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = _write(tmp_path / "good.jpg", _disc(300, 400, 140))
+    blank = _write(tmp_path / "blank.png", np.full((100, 120, 3), 90, np.uint8))
+    cache = PreprocessedCache(tmp_path / "cache", PreprocessConfig(size=64))
+    with caplog.at_level("WARNING", logger="visioncare.data.cache"):
+        entries, errors = cache.build([good, blank], num_workers=1)
+    assert set(entries) == {good, blank} and not errors  # kept, padded whole
+    assert "No fundus field found in 1 image(s)" in caplog.text and "blank.png" in caplog.text
+
+
+def test_a_small_field_in_a_large_jpeg_is_decoded_at_full_size(tmp_path: Path) -> None:
+    """Reduced decoding would leave a 150 px field 37 px wide: it is decoded again in full."""
+    canvas = np.zeros((1300, 2000, 3), np.uint8)
+    canvas[400:700, 900:1200] = _disc(300, 300, 150)
+    path = _write(tmp_path / "small_field.jpg", canvas)
+    out = prepare(path, PreprocessConfig(size=256))
+    assert out.field is not None
+    assert out.field.radius == pytest.approx(150, abs=3)
+    full = read_image(path)  # no target: every pixel
+    reference = fundus.crop_to_field(full, fundus.locate_fundus(full), 256)
+    # The texture survives: the crop equals the one from the full decode, not an upsampled blur.
+    assert np.abs(out.image.astype(int) - reference).mean() < 1.0

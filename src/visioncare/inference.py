@@ -10,6 +10,7 @@ exported `model.onnx` travels with `preprocessing.json`, which plays the same ro
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,22 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from visioncare import TASKS
-from visioncare.data.preprocess import PreprocessConfig, preprocess
+from visioncare.data.fundus import LOCALISATION_VERSION
+from visioncare.data.preprocess import Prepared, PreprocessConfig, prepare
+from visioncare.data.quality import QualityThresholds
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
 from visioncare.models.module import VisionCareModule
 from visioncare.utils.checkpoints import check_visioncare_checkpoint
+
+log = logging.getLogger("visioncare")
+
+FUNDUS_CROP = (
+    "locate the fundus field as a circle plus straight top/bottom cuts "
+    "(visioncare.data.fundus.locate_fundus), take the square around the circle (padding "
+    "beyond the photo black), resize to preprocess.size, black out everything outside the "
+    "field; a photo without a field is padded whole to a square"
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class InputSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "preprocess": self.preprocess.as_dict(),
+            "fundus_crop": FUNDUS_CROP if self.preprocess.crop_fundus else "none: pad to square",
             "channel_order": "RGB",
             "layout": "NCHW",
             "scale": "pixel / 255, then (x - mean) / std",
@@ -50,11 +63,21 @@ class InputSpec:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> InputSpec:
         """The inverse of `as_dict` (extra keys, such as the export's output names, ignored)."""
+        found = values["preprocess"].get("localisation")
+        if found != LOCALISATION_VERSION:
+            # Older exports cropped to a bounding box; that code is gone, so say what changed.
+            log.warning(
+                "preprocessing.json was written with fundus localisation %r; this version "
+                "crops with %r. Predictions may differ slightly from the exported model's "
+                "validation; re-export to record the current one.",
+                found or "bounding box",
+                LOCALISATION_VERSION,
+            )
         return cls(
             image_size=int(values["image_size"]),
             mean=tuple(float(v) for v in values["mean"]),
             std=tuple(float(v) for v in values["std"]),
-            preprocess=PreprocessConfig(**values["preprocess"]),
+            preprocess=PreprocessConfig.from_dict(values["preprocess"]),
         )
 
 
@@ -91,15 +114,26 @@ def input_spec(model: VisionCareModule, config: dict) -> InputSpec:
 
 
 class ImagePreprocessor:
-    """File → normalised CHW tensor, exactly as validation images were prepared in training."""
+    """File → normalised CHW tensor, exactly as validation images were prepared in training.
 
-    def __init__(self, spec: InputSpec) -> None:
+    Args:
+        spec: the checkpoint's input spec.
+        thresholds: quality limits for `prepare`'s flag (None: defaults).
+    """
+
+    def __init__(self, spec: InputSpec, thresholds: QualityThresholds | None = None) -> None:
         self.spec = spec
+        self.thresholds = thresholds or QualityThresholds()
         self.transform = build_eval_transform(spec.image_size, spec.mean, spec.std)
 
     def __call__(self, path: str | Path) -> torch.Tensor:
-        image: np.ndarray = preprocess(path, self.spec.preprocess)
-        return self.transform(image=image)["image"]
+        return self.prepare(path)[0]
+
+    def prepare(self, path: str | Path) -> tuple[torch.Tensor, Prepared]:
+        """The network input and the prepared photo it came from (field, quality)."""
+        prepared = prepare(path, self.spec.preprocess, self.thresholds)
+        image: np.ndarray = prepared.image
+        return self.transform(image=image)["image"], prepared
 
 
 class OnnxNet:
@@ -137,23 +171,28 @@ class OnnxNet:
         return {task: torch.from_numpy(out) for task, out in zip(TASKS, outputs, strict=True)}
 
 
-def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec]:
-    """`OnnxNet` and the `InputSpec` from the `preprocessing.json` written beside it by export."""
-    model_path = Path(path).expanduser()
+def onnx_input_spec(model_path: Path) -> InputSpec:
+    """The `InputSpec` in the `preprocessing.json` that export writes beside `model.onnx`."""
     spec_path = model_path.with_name("preprocessing.json")
     if not model_path.is_file():
-        raise ConfigurationError(f"ckpt_path={str(path)!r} does not exist")
+        raise ConfigurationError(f"ckpt_path={str(model_path)!r} does not exist")
     if not spec_path.is_file():
         raise ConfigurationError(
             f"{spec_path} is missing: an ONNX model needs the preprocessing.json that "
             "`python src/export.py` writes beside model.onnx (copy both together)"
         )
     try:
-        spec = InputSpec.from_dict(json.loads(spec_path.read_text()))
+        return InputSpec.from_dict(json.loads(spec_path.read_text()))
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigurationError(
             f"{spec_path} is not a VisionCare preprocessing file ({error}); re-run export"
         ) from None
+
+
+def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec]:
+    """`OnnxNet` and the `InputSpec` from the `preprocessing.json` written beside it by export."""
+    model_path = Path(path).expanduser()
+    spec = onnx_input_spec(model_path)
     try:
         net = OnnxNet(model_path, device)
     except ConfigurationError:

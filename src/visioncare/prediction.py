@@ -9,9 +9,9 @@ predictions, because one corrupt photo in a clinic's export folder must not lose
 from __future__ import annotations
 
 import csv
-import glob
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from visioncare import TASKS
-from visioncare.data.preprocess import UnreadableImageError, read_image
+from visioncare.data.fundus import FundusField, field_in_crop, field_mask
+from visioncare.data.inputs import collect_images
+from visioncare.data.preprocess import Prepared, UnreadableImageError, prepare
+from visioncare.data.quality import QualityThresholds
 from visioncare.errors import ConfigurationError
 from visioncare.inference import (
     ImagePreprocessor,
@@ -37,7 +40,6 @@ from visioncare.inference import (
 
 log = logging.getLogger("visioncare")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm")
 REFERABLE_DR_GRADE = 2  # ICDR moderate NPDR or worse: the usual referral threshold
 REFERABLE_THRESHOLD = 0.5
 
@@ -45,54 +47,15 @@ REFERABLE_THRESHOLD = 0.5
 def csv_columns() -> list[str]:
     """The output CSV's columns, in order (a contract: see DESIGN.md)."""
     probs = [f"{task}_prob_{k}" for task, n in TASKS.items() for k in range(n)]
-    return ["image", "dr_grade", "dme_grade", *probs, "referable_dr", "error"]
+    return ["image", "dr_grade", "dme_grade", *probs, "referable_dr", "quality", "error"]
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def collect_images(source: str | Path) -> list[Path]:
-    """Image paths from a folder (recursive), a glob pattern or a CSV with an `image` column.
-
-    CSV paths that are relative are resolved against the CSV's folder, so a CSV travels with its
-    images. CSV rows are kept as listed (a missing file there gets an error row, not silence);
-    folders and globs keep image files only, sorted for a reproducible output order.
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        images = sorted(p for p in path.rglob("*") if _is_image(p))
-    elif path.is_file() and path.suffix.lower() == ".csv":
-        images = _images_from_csv(path)
-    elif path.is_file():
-        images = [path]
-    else:
-        images = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if _is_image(Path(p)))
-    if not images:
-        raise ConfigurationError(
-            f"input={text!r} matches no image file ({', '.join(IMAGE_EXTENSIONS)}); give a folder, "
-            "a glob such as 'photos/*.jpg' (quoted) or a CSV with an 'image' column"
-        )
-    return images
-
-
-def _images_from_csv(path: Path) -> list[Path]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if "image" not in (reader.fieldnames or []):
-            raise ConfigurationError(
-                f"input={str(path)!r}: the CSV has no 'image' column (columns: {reader.fieldnames})"
-            )
-        names = [row["image"].strip() for row in reader if (row.get("image") or "").strip()]
-    return [p if p.is_absolute() else path.parent / p for p in map(Path, names)]
-
-
 class _ImageFiles(Dataset):
-    """Preprocessed tensors for a list of files; an unreadable file yields zeros + its error."""
+    """Preprocessed tensors for a list of files with their quality flag; an unreadable file
+    yields zeros, an empty flag and its error."""
 
     def __init__(self, paths: Sequence[Path], preprocessor: ImagePreprocessor) -> None:
         self.paths = list(paths)
@@ -103,11 +66,12 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str, str]:
         try:
-            return self.preprocessor(self.paths[index]), index, ""
+            tensor, prepared = self.preprocessor.prepare(self.paths[index])
         except (UnreadableImageError, OSError) as error:
-            return self.blank, index, str(error) or type(error).__name__
+            return self.blank, index, "", str(error) or type(error).__name__
+        return tensor, index, prepared.quality, ""
 
 
 # --------------------------------------------------------------------------- device
@@ -139,11 +103,15 @@ def _progress() -> Progress:
 
 
 def _rows(
-    paths: Sequence[Path], probs: dict[str, Tensor], errors: Sequence[str]
+    paths: Sequence[Path],
+    probs: dict[str, Tensor],
+    errors: Sequence[str],
+    qualities: Sequence[str],
 ) -> Iterator[dict[str, Any]]:
     for i, path in enumerate(paths):
         row: dict[str, Any] = dict.fromkeys(csv_columns(), "")
         row["image"] = str(path)
+        row["quality"] = qualities[i]
         row["error"] = errors[i]
         if not errors[i]:
             for task, p in probs.items():
@@ -162,54 +130,72 @@ def predict_paths(
     batch_size: int = 16,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Softmax probabilities per task (rows of failed files are NaN) and per-file error texts.
+    thresholds: QualityThresholds | None = None,
+) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Softmax probabilities per task (rows of failed files are NaN), per-file error texts and
+    quality flags (`visioncare.data.quality`; empty for failed files).
 
     ``model`` maps a batch of images to logits per task: a `VisionCareModule` already in eval
-    mode on ``device``, or an `OnnxNet`.
+    mode on ``device``, or an `OnnxNet`. A doubtful photo is still predicted: its flag says so.
     """
-    dataset = _ImageFiles(paths, ImagePreprocessor(spec))
+    dataset = _ImageFiles(paths, ImagePreprocessor(spec, thresholds))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     probs = {task: torch.full((len(paths), n), float("nan")) for task, n in TASKS.items()}
     errors = [""] * len(paths)
+    qualities = [""] * len(paths)
     with _progress() as progress, torch.inference_mode():
         bar = progress.add_task("Predicting", total=len(paths))
-        for images, indices, messages in loader:
+        for images, indices, flags, messages in loader:
             ok = torch.tensor([not m for m in messages], dtype=torch.bool)
-            for index, message in zip(indices.tolist(), messages, strict=True):
+            for index, flag, message in zip(indices.tolist(), flags, messages, strict=True):
                 errors[index] = message
+                qualities[index] = flag
             if ok.any():
                 logits = model(images[ok].to(device))
                 for task in TASKS:
                     probs[task][indices[ok]] = logits[task].float().softmax(dim=1).cpu()
             progress.advance(bar, len(indices))
-    return probs, errors
+    return probs, errors, qualities
 
 
 def write_predictions(
-    output: Path, paths: Sequence[Path], probs: dict[str, Tensor], errors: Sequence[str]
+    output: Path,
+    paths: Sequence[Path],
+    probs: dict[str, Tensor],
+    errors: Sequence[str],
+    qualities: Sequence[str],
 ) -> None:
     """The prediction CSV (columns: `csv_columns()`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns())
         writer.writeheader()
-        writer.writerows(_rows(paths, probs, errors))
+        writer.writerows(_rows(paths, probs, errors, qualities))
 
 
 # --------------------------------------------------------------------------- Grad-CAM
 
 
-class TaskLogits(nn.Module):
-    """One task's logits only: Grad-CAM needs a model with a single output tensor."""
+class BothTaskLogits(nn.Module):
+    """DR and DME logits side by side, (N, 5 + 3): one output tensor serves both tasks' CAMs.
 
-    def __init__(self, model: nn.Module, task: str) -> None:
+    Grad-CAM needs a model with a single output; with both tasks in it, one `GradCAM` object
+    and one forward/backward pass explain a batch for DR and DME at once (`cam_targets`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.task = task
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)[self.task]
+        logits = self.model(images)
+        return torch.cat([logits[task] for task in TASKS], dim=1)
+
+
+def cam_targets(probs: dict[str, Tensor], indices: Sequence[int]) -> list[tuple[str, int]]:
+    """(task, column of `BothTaskLogits`) per CAM sample: each image once per task, task-major."""
+    offsets = dict(zip(TASKS, np.cumsum([0, *TASKS.values()])[:-1].tolist(), strict=True))
+    return [(task, offsets[task] + int(probs[task][i].argmax())) for task in TASKS for i in indices]
 
 
 def find_target_layer(backbone: nn.Module, image_size: int) -> nn.Module:
@@ -244,27 +230,16 @@ def find_target_layer(backbone: nn.Module, image_size: int) -> nn.Module:
     return last[-1]
 
 
-def _cam_in_original_frame(cam: np.ndarray, original: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Map a CAM over the preprocessed (cropped, square-padded) image back onto the original.
+def _overlay(base: np.ndarray, heat: np.ndarray, field: FundusField | None) -> np.ndarray:
+    """The CAM blended onto the cropped fundus, inside the field only (outside stays black)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    Mirrors `crop_to_fundus`: the CAM covers the padded square around the fundus bounding box,
-    so it is resized to that square, un-padded and placed at the box; outside it is 0.
-    """
-    height, width = original.shape[:2]
-    threshold = spec.preprocess.threshold if spec.preprocess.crop_fundus else -1
-    mask = original.max(axis=2) > threshold
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size < 8 or cols.size < 8:
-        r0, r1, c0, c1 = 0, height, 0, width
-    else:
-        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    box_h, box_w = r1 - r0, c1 - c0
-    side = max(box_h, box_w)
-    top, left = (side - box_h) // 2, (side - box_w) // 2
-    square = cv2.resize(cam.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-    full = np.zeros((height, width), dtype=np.float32)
-    full[r0:r1, c0:c1] = square[top : top + box_h, left : left + box_w]
-    return full
+    size = base.shape[0]
+    heat = cv2.resize(heat.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    overlay = show_cam_on_image(base.astype(np.float32) / 255.0, heat, use_rgb=True)
+    if field is not None:
+        overlay *= field_mask((size, size), field_in_crop(field, size))[..., None]
+    return overlay
 
 
 def write_gradcam(
@@ -275,43 +250,51 @@ def write_gradcam(
     errors: Sequence[str],
     out_dir: Path,
     device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    size: int = 512,
 ) -> list[Path]:
-    """Grad-CAM overlays for the predicted class, `<stem>_<task>.png`, at the input's size.
+    """Grad-CAM overlays for the predicted grades, `<stem>_<task>.png`, on the cropped fundus.
 
-    Overlays are drawn on the original photo (not the 224-px network input) so a grader can
-    compare the highlighted regions with the full-resolution image.
+    Overlays are drawn on the fundus square the network saw (field circle centred and filling
+    it, outside black) at ``size`` px, so nothing is squashed and a grader sees the same framing
+    as the model, sharper. One `GradCAM` object over `BothTaskLogits` explains ``batch_size``
+    images for both tasks in one forward/backward pass.
     """
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().to(device)
     layer = find_target_layer(model.net.backbone, spec.image_size)
     preprocessor = ImagePreprocessor(spec)
+    display = replace(spec.preprocess, size=size, ben_graham=False)
     written: list[Path] = []
     todo = [i for i in range(len(paths)) if not errors[i]]
-    cams = {task: GradCAM(model=TaskLogits(model, task), target_layers=[layer]) for task in TASKS}
+    cam = GradCAM(model=BothTaskLogits(model), target_layers=[layer])
     try:
         with _progress() as progress:
             bar = progress.add_task("Grad-CAM", total=len(todo))
-            for i in todo:
-                # Input gradients keep the graph alive even if the backbone was left frozen.
-                tensor = preprocessor(paths[i])[None].to(device).requires_grad_(True)
-                original = read_image(paths[i])
-                base = original.astype(np.float32) / 255.0
-                for task, cam in cams.items():
-                    target = ClassifierOutputTarget(int(probs[task][i].argmax()))
-                    heat = cam(input_tensor=tensor, targets=[target])[0]
-                    heat = _cam_in_original_frame(heat, original, spec)
-                    overlay = show_cam_on_image(base, heat, use_rgb=True)
-                    path = out_dir / f"{paths[i].stem}_{task}.png"
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                inputs = torch.stack([preprocessor(paths[i]) for i in chunk])
+                shown: list[Prepared] = [prepare(paths[i], display) for i in chunk]
+                targets = cam_targets(probs, chunk)
+                # Both tasks in one batch; input gradients keep the graph alive even when the
+                # backbone was left frozen.
+                batch = torch.cat([inputs] * len(TASKS)).to(device).requires_grad_(True)
+                heats = cam(
+                    input_tensor=batch,
+                    targets=[ClassifierOutputTarget(column) for _, column in targets],
+                )
+                for k, (task, _) in enumerate(targets):
+                    j = k % len(chunk)
+                    overlay = _overlay(shown[j].image, heats[k], shown[j].field)
+                    path = out_dir / f"{paths[chunk[j]].stem}_{task}.png"
                     cv2.imwrite(str(path), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
                     written.append(path)
-                progress.advance(bar)
+                progress.advance(bar, len(chunk))
     finally:
-        for cam in cams.values():
-            cam.activations_and_grads.release()
+        cam.activations_and_grads.release()
     return written
 
 
@@ -356,6 +339,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(str(cfg.get("device", "auto")))
     model, spec = load_predictor(str(cfg.ckpt_path), device, explain=bool(cfg.get("explain")))
+    thresholds = QualityThresholds(**cfg.get("quality", {}))
     paths = collect_images(cfg.input)
     if isinstance(model, OnnxNet):
         device = torch.device("cpu")  # onnxruntime takes host arrays; it places the work itself
@@ -363,11 +347,18 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     else:
         engine = f"PyTorch on {device}"
     log.info("Predicting %d image(s) with %s", len(paths), engine)
-    probs, errors = predict_paths(
-        model, spec, paths, int(cfg.batch_size), int(cfg.num_workers), device
+    probs, errors, qualities = predict_paths(
+        model, spec, paths, int(cfg.batch_size), int(cfg.num_workers), device, thresholds
     )
     output = _resolve_output(str(cfg.output), output_dir)
-    write_predictions(output, paths, probs, errors)
+    write_predictions(output, paths, probs, errors, qualities)
+    doubtful = sum(q not in ("", "ok") for q in qualities)
+    if doubtful:
+        log.warning(
+            "%d of %d photo(s) look doubtful (see the 'quality' column): predicted anyway",
+            doubtful,
+            len(paths),
+        )
     failed = sum(bool(e) for e in errors)
     if failed:
         log.warning(
@@ -377,7 +368,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"output": str(output), "num_images": len(paths), "num_errors": failed}
     if cfg.get("explain"):
         explain_dir = _resolve_output(str(cfg.explain_dir), output_dir)
-        overlays = write_gradcam(model, spec, paths, probs, errors, explain_dir, device)
+        overlays = write_gradcam(
+            model,
+            spec,
+            paths,
+            probs,
+            errors,
+            explain_dir,
+            device,
+            batch_size=int(cfg.get("explain_batch_size", 8)),
+            size=int(cfg.get("explain_size", 512)),
+        )
         log.info("Grad-CAM overlays (%d): %s", len(overlays), explain_dir)
         result["explain_dir"] = str(explain_dir)
     return result

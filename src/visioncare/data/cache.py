@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from visioncare.data.preprocess import PreprocessConfig, UnreadableImageError, preprocess
+from visioncare.data.preprocess import PreprocessConfig, UnreadableImageError, prepare
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +74,43 @@ class PreprocessedCache:
                 todo.append((source, target))
         if todo:
             workers = num_workers or os.cpu_count() or 1
+            unlocated: list[Path] = []
             with ThreadPoolExecutor(max_workers=workers) as pool, Progress(transient=True) as bar:
                 task = bar.add_task(f"Caching {len(todo)} images", total=len(todo))
-                for source, target, error in pool.map(self._build_one, todo):
+                for source, target, error, located in pool.map(self._build_one, todo):
                     if error is None:
                         entries[source] = target
+                        if not located:
+                            unlocated.append(source)
                     else:
                         errors[source] = error
                     bar.advance(task)
             log.info("Cached %d images in %s", len(todo) - len(errors), self.folder)
+            if unlocated:
+                # Not an error (the photo is kept, padded whole), but worth a look.
+                listed = ", ".join(str(p) for p in unlocated[:5])
+                more = f" and {len(unlocated) - 5} more" if len(unlocated) > 5 else ""
+                log.warning(
+                    "No fundus field found in %d image(s), cached uncropped: %s%s. See what the "
+                    "network sees with `python src/preprocess.py input=<folder>`.",
+                    len(unlocated),
+                    listed,
+                    more,
+                )
         return entries, errors
 
-    def _build_one(self, job: tuple[Path, Path]) -> tuple[Path, Path, str | None]:
+    def _build_one(self, job: tuple[Path, Path]) -> tuple[Path, Path, str | None, bool]:
+        """(source, cache file, error or None, whether the fundus field was found)."""
         source, target = job
         try:
-            array = preprocess(source, self.config)
+            prepared = prepare(source, self.config)
         except UnreadableImageError as exc:
-            return source, target, str(exc)
+            return source, target, str(exc), False
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.stem}.{os.getpid()}.{id(job)}.tmp.npy")
-        np.save(tmp, array)
+        np.save(tmp, prepared.image)
         os.replace(tmp, target)
-        return source, target, None
+        return source, target, None, prepared.field is not None or not self.config.crop_fundus
 
 
 def load_cached(path: str | Path) -> np.ndarray:

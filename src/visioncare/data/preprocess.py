@@ -1,15 +1,28 @@
-"""Fundus preprocessing with OpenCV: decode, crop to the fundus field, optional Ben Graham, resize.
+"""Fundus preprocessing: decode (any image OpenCV reads, or DICOM), locate the fundus field,
+crop to it, optional Ben Graham, resize.
 
-Run once per image when the cache is built (`visioncare.data.cache`), never per epoch.
+Run once per image when the cache is built (`visioncare.data.cache`), never per epoch; `eval.py`,
+`predict.py`, `preprocess.py` and exported models (`preprocessing.json`) use the same `prepare`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+
+from visioncare.data.dicom import DicomError, is_dicom, read_dicom
+from visioncare.data.fundus import (
+    LOCALISATION_VERSION,
+    FundusField,
+    crop_to_field,
+    locate_fundus,
+    pad_to_square,
+)
+from visioncare.data.quality import OK, QualityThresholds, assess
 
 # Parallelism is across images (cache threads, DataLoader workers), never inside one image:
 # OpenCV's own thread pool would oversubscribe small machines, and a pool started in the parent
@@ -23,12 +36,18 @@ REDUCED_FLAGS = (
 )
 
 
+# Every format `read_image` decodes: folders and globs pick these files up.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm", ".dcm", ".dicom",
+)  # fmt: skip
+
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
 JPEG_TAIL = 4096  # some cameras append metadata after the end-of-image marker
+DICOM_HEAD = 132  # preamble + "DICM"
 
 
 class UnreadableImageError(ValueError):
-    """The file is missing, empty, truncated or not an image OpenCV can decode."""
+    """The file is missing, empty, truncated, a DICOM without an image, or not decodable."""
 
 
 @dataclass(frozen=True)
@@ -38,43 +57,78 @@ class PreprocessConfig:
     Attributes:
         size: side of the square cached image in pixels (a little above the training size, so
             random crops keep detail).
-        crop_fundus: crop to the fundus disc's bounding box, dropping black borders.
+        crop_fundus: locate the fundus field (`visioncare.data.fundus`), centre its circle in
+            the square and black out everything outside it; false = the whole photo, padded.
         ben_graham: subtract the local mean colour (4·img − 4·GaussianBlur(img, σ=size/30) + 128).
-        threshold: intensity (0-255) above which a pixel belongs to the fundus field.
+
+    `as_dict` adds the localisation algorithm's version: it keys the cache (a changed algorithm
+    never reuses old crops) and travels in an export's `preprocessing.json`.
     """
 
     size: int = 256
     crop_fundus: bool = True
     ben_graham: bool = False
-    threshold: int = 10
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "localisation": LOCALISATION_VERSION}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreprocessConfig:
+        """The inverse of `as_dict`; keys of older versions (``threshold``) are ignored."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
-def _reduced_flag(path: Path, target: int) -> int:
-    """The largest JPEG reduced-decoding factor that still leaves >= target pixels per side."""
+@dataclass(frozen=True)
+class Prepared:
+    """One photo as the network's cache holds it, with what was found on the way.
+
+    Attributes:
+        image: RGB uint8 (size, size, 3).
+        width, height: the photo's size in its own pixels.
+        field: the located fundus field in the photo's pixels (None: not found, or not looked
+            for: no crop and no quality flag asked).
+        quality: `ok` or the reasons the photo is doubtful (`visioncare.data.quality`).
+    """
+
+    image: np.ndarray
+    width: int
+    height: int
+    field: FundusField | None
+    quality: str
+
+
+def _reduced_flag(path: Path, target: int) -> tuple[int, tuple[int, int] | None]:
+    """The largest JPEG reduced-decoding factor that still leaves >= target pixels per side,
+    and the photo's full (width, height) when the header was read."""
     if path.suffix.lower() not in (".jpg", ".jpeg"):
-        return cv2.IMREAD_COLOR
+        return cv2.IMREAD_COLOR, None
     try:
         from PIL import Image
 
         with Image.open(path) as image:
-            short_side = min(image.size)
+            size = image.size
     except Exception:  # unknown header: decode at full size and let OpenCV judge it
-        return cv2.IMREAD_COLOR
+        return cv2.IMREAD_COLOR, None
     for factor, flag in REDUCED_FLAGS:
         # The fundus disc fills most of the short side; keep 10 % margin before the crop.
-        if short_side / factor >= target * 1.1:
-            return flag
-    return cv2.IMREAD_COLOR
+        if min(size) / factor >= target * 1.1:
+            return flag, size
+    return cv2.IMREAD_COLOR, size
 
 
 def read_image(path: str | Path, target: int | None = None) -> np.ndarray:
-    """Decode any image OpenCV reads into RGB uint8 (H, W, 3).
+    """Decode any image OpenCV reads, or a DICOM file, into RGB uint8 (H, W, 3).
 
     Grayscale, RGBA and 16-bit images are converted; the format comes from the bytes, not the
     suffix (a PNG named .jpg works). ``target`` enables JPEG reduced decoding.
+    """
+    return decode(path, target)[0]
+
+
+def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """`read_image`'s RGB array and the photo's full (width, height) in its own pixels.
+
+    The two differ when ``target`` lets a large JPEG be decoded at 1/2, 1/4 or 1/8 scale.
     """
     path = Path(path)
     try:
@@ -83,10 +137,16 @@ def read_image(path: str | Path, target: int | None = None) -> np.ndarray:
         raise UnreadableImageError(f"cannot read {path}: {exc.strerror or exc}") from None
     if data.size == 0:
         raise UnreadableImageError(f"{path} is empty (0 bytes)")
+    if is_dicom(path, data[:DICOM_HEAD].tobytes()):
+        try:
+            image = read_dicom(path)
+        except DicomError as error:
+            raise UnreadableImageError(str(error)) from None
+        return image, (image.shape[1], image.shape[0])
     if data[:2].tobytes() == JPEG_START and JPEG_END not in data[-JPEG_TAIL:].tobytes():
         # OpenCV 4.x decodes a cut-off JPEG without error (garbage below the cut); refuse it.
         raise UnreadableImageError(f"{path} is a truncated JPEG (no end marker); re-download it")
-    flag = _reduced_flag(path, target) if target else cv2.IMREAD_COLOR
+    flag, size = _reduced_flag(path, target) if target else (cv2.IMREAD_COLOR, None)
     image = cv2.imdecode(data, flag)
     if image is None and flag != cv2.IMREAD_COLOR:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
@@ -94,7 +154,8 @@ def read_image(path: str | Path, target: int | None = None) -> np.ndarray:
         image = _decode_unusual(data)
     if image is None or image.size == 0:
         raise UnreadableImageError(f"{path} is not a decodable image (corrupt or truncated?)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    full_size = size or (image.shape[1], image.shape[0])
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), full_size
 
 
 def _decode_unusual(data: np.ndarray) -> np.ndarray | None:
@@ -112,23 +173,6 @@ def _decode_unusual(data: np.ndarray) -> np.ndarray | None:
     return image
 
 
-def crop_to_fundus(image: np.ndarray, threshold: int = 10) -> np.ndarray:
-    """Crop to the bounding box of the bright fundus field and pad to a centred square."""
-    gray = image.max(axis=2)
-    mask = gray > threshold
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size < 8 or cols.size < 8:  # (almost) black image: nothing to crop to
-        cropped = image
-    else:
-        cropped = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height, width = cropped.shape[:2]
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    return cv2.copyMakeBorder(
-        cropped, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0
-    )
-
-
 def ben_graham(image: np.ndarray) -> np.ndarray:
     """Local-mean subtraction (Graham, Kaggle DR 2015): evens illumination, boosts lesions."""
     sigma = image.shape[0] / 30
@@ -136,15 +180,45 @@ def ben_graham(image: np.ndarray) -> np.ndarray:
     return cv2.addWeighted(image, 4, blurred, -4, 128)
 
 
-def preprocess(path: str | Path, config: PreprocessConfig) -> np.ndarray:
-    """Decode → crop → (Ben Graham) → resize to the cache size; RGB uint8 (size, size, 3)."""
-    image = read_image(path, target=config.size)
-    if config.crop_fundus:
-        image = crop_to_fundus(image, config.threshold)
+def prepare(
+    path: str | Path,
+    config: PreprocessConfig,
+    thresholds: QualityThresholds | None = None,
+) -> Prepared:
+    """Decode → locate the field → crop → (Ben Graham) → resize, plus the quality flag.
+
+    A photo whose field cannot be found is not cropped blindly: it is padded whole to a square
+    (what `crop_fundus=false` does) and flagged `no_fundus_found`; the caller decides.
+    ``thresholds`` None skips the quality measures (the cache does not store them).
+    """
+    image, (width, height) = decode(path, target=config.size)
+    scale = width / image.shape[1]
+    # Located for the quality flag too, so crop_fundus=false photos are still judged.
+    wanted = config.crop_fundus or thresholds is not None
+    field = locate_fundus(image) if wanted else None
+    if field is not None and scale > 1 and 2 * field.radius < config.size:
+        # Reduced decoding assumed the field fills the frame; a small one needs every pixel.
+        image, _ = decode(path)
+        scale = 1.0
+        field = locate_fundus(image)
+    if field is not None and config.crop_fundus:
+        out = crop_to_field(image, field, config.size)
     else:
-        image = crop_to_fundus(image, threshold=-1)  # pad to square only
-    interpolation = cv2.INTER_AREA if image.shape[0] > config.size else cv2.INTER_CUBIC
-    image = cv2.resize(image, (config.size, config.size), interpolation=interpolation)
+        out = pad_to_square(image, config.size)
     if config.ben_graham:
-        image = ben_graham(image)
-    return image
+        out = ben_graham(out)
+    quality = OK
+    if thresholds is not None:
+        quality = assess(image, field, thresholds, min_diameter=config.size, scale=scale)
+    return Prepared(
+        image=out,
+        width=width,
+        height=height,
+        field=None if field is None else field.scaled(scale),
+        quality=quality,
+    )
+
+
+def preprocess(path: str | Path, config: PreprocessConfig) -> np.ndarray:
+    """The cached image of ``path``: RGB uint8 (size, size, 3) (see `prepare`)."""
+    return prepare(path, config).image

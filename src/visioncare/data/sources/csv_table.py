@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from visioncare.data.preprocess import IMAGE_EXTENSIONS as READABLE_EXTENSIONS
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.sources.tables import (
@@ -35,7 +36,7 @@ from visioncare.data.sources.tables import (
 )
 from visioncare.errors import ConfigurationError, DataValidationError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+IMAGE_EXTENSIONS = set(READABLE_EXTENSIONS)
 SPLIT_NAMES = {
     "train": "train",
     "training": "train",

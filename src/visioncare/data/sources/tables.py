@@ -10,7 +10,10 @@ import pandas as pd
 from visioncare.data.records import Record, stratified_split
 from visioncare.errors import ConfigurationError, DataValidationError
 
-IMAGE_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".tif", ".tiff")
+# Tried in order for names listed without extension (DICOM last: clinics' exports).
+IMAGE_SUFFIXES = (
+    ".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".tif", ".tiff", ".dcm", ".DCM",
+)  # fmt: skip
 
 
 def read_label_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
@@ -81,7 +84,7 @@ def resolve_image(folder: Path, name: str, listing: dict[str, Path]) -> Path:
         if f"{name}{suffix}" in listing:
             return listing[f"{name}{suffix}"]
     lowered = {n.lower(): p for n, p in listing.items()}
-    for suffix in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
+    for suffix in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm"):
         if f"{name}{suffix}".lower() in lowered:
             return lowered[f"{name}{suffix}".lower()]
     return direct if Path(name).suffix else folder / f"{name}.jpg"

@@ -1,0 +1,27 @@
+"""Show what the network sees: `python src/preprocess.py input=<dir|glob|csv> output_dir=<dir>`.
+
+See conf/preprocess.yaml and `visioncare.preview`.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from visioncare.preview import run_preprocess  # noqa: E402
+from visioncare.utils.hydra import register_resolvers, run_task  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="preprocess")
+def main(cfg: DictConfig) -> None:
+    run_task(run_preprocess, cfg)
+
+
+if __name__ == "__main__":
+    main()
