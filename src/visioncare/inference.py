@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from visioncare import TASKS
-from visioncare.data.preprocess import PreprocessConfig, preprocess
+from visioncare.data.preprocess import PreprocessConfig, default_cache_size, preprocess
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
 from visioncare.models.module import VisionCareModule
@@ -83,7 +83,8 @@ def input_spec(model: VisionCareModule, config: dict) -> InputSpec:
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
         preprocess=PreprocessConfig(
-            size=int(data.get("cache_size", image_size)),
+            # null in the run config = derived from image_size, exactly as the datamodule did.
+            size=int(data.get("cache_size", image_size) or default_cache_size(image_size)),
             crop_fundus=bool(data.get("crop_fundus", True)),
             ben_graham=bool(data.get("ben_graham", False)),
         ),

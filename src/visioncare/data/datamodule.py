@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader
 
 from visioncare.data.cache import PreprocessedCache
 from visioncare.data.dataset import EpochSeededSampler, FundusDataset
-from visioncare.data.preprocess import PreprocessConfig
+from visioncare.data.preprocess import PreprocessConfig, default_cache_size
 from visioncare.data.records import Record, stratified_split
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
-from visioncare.errors import ConfigurationError, DataValidationError
+from visioncare.errors import ConfigurationError, DataValidationError, check_int_at_least
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class FundusDataModule(L.LightningDataModule):
         source: a `DatasetSource` class (or partial) called as ``source(root, **source_options)``.
         root: the dataset folder (`data.root`).
         image_size: side of the network input in pixels.
-        cache_size: side of the cached preprocessed image (>= image_size).
+        cache_size: side of the cached preprocessed image (>= image_size); None = derived from
+            image_size (`default_cache_size`: 224 → 256), so a new resolution needs one key.
         batch_size: per-device batch size.
         num_workers: DataLoader worker processes.
         val_fraction: share of the training split held out for validation.
@@ -60,7 +61,7 @@ class FundusDataModule(L.LightningDataModule):
         source: Callable[..., DatasetSource],
         root: str,
         image_size: int = 224,
-        cache_size: int = 256,
+        cache_size: int | None = None,
         batch_size: int = 16,
         num_workers: int = 2,
         val_fraction: float = 0.2,
@@ -78,9 +79,15 @@ class FundusDataModule(L.LightningDataModule):
         **source_options: Any,
     ) -> None:
         super().__init__()
-        if cache_size < image_size:
+        check_int_at_least(image_size, "data.image_size", minimum=1)
+        check_int_at_least(batch_size, "data.batch_size", minimum=1)
+        check_int_at_least(num_workers, "data.num_workers", minimum=0)
+        if cache_size is None:
+            cache_size = default_cache_size(image_size)
+        elif cache_size < image_size:
             raise ConfigurationError(
-                f"data.cache_size ({cache_size}) must be >= data.image_size ({image_size})"
+                f"data.cache_size ({cache_size}) must be >= data.image_size ({image_size}); "
+                "set data.cache_size=null to derive it from the image size"
             )
         if on_bad_image not in ("error", "skip"):
             raise ConfigurationError(

@@ -52,6 +52,15 @@ class PreprocessConfig:
         return asdict(self)
 
 
+def default_cache_size(image_size: int) -> int:
+    """The cached side for a network input of ``image_size``: 1/8 above it, rounded up to 16 px.
+
+    The margin lets training's random resized crops keep detail; 224 → 256 and 128 → 144.
+    Used when `data.cache_size` is null, so changing `data.image_size` alone is enough.
+    """
+    return -(-(image_size * 9) // 128) * 16  # ceil(image_size * 9/8 / 16) * 16
+
+
 def _reduced_flag(path: Path, target: int) -> int:
     """The largest JPEG reduced-decoding factor that still leaves >= target pixels per side."""
     if path.suffix.lower() not in (".jpg", ".jpeg"):
