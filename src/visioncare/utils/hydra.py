@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from visioncare.errors import VisionCareError
-from visioncare.utils.checkpoints import resume_run_dir
+from visioncare.utils.checkpoints import hydra_output_subdir, resume_run_dir
 
 log = logging.getLogger("visioncare")
 
@@ -35,6 +35,8 @@ def register_resolvers() -> None:
     """Resolvers the configs use; called by the entry points before Hydra composes."""
     if not OmegaConf.has_resolver("resume_run_dir"):
         OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir)
+    if not OmegaConf.has_resolver("hydra_output_subdir"):
+        OmegaConf.register_new_resolver("hydra_output_subdir", hydra_output_subdir)
 
 
 def _full_key(error: InstantiationException) -> str:
