@@ -16,6 +16,7 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.test_train import assert_tensorboard_complete
 from visioncare.errors import ConfigurationError
 from visioncare.training import train
 from visioncare.utils.checkpoints import resolve_ckpt_path, resume_run_dir
@@ -121,11 +122,13 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_multirun_sweep_writes_a_ranked_summary(tmp_path, synthetic_root, cache_dir):
     logs = tmp_path / "logs"
     _cli(
-        "unfreeze_step=1,2", "trainer.max_epochs=2",
+        "unfreeze_step=1,2", "trainer.max_epochs=2", "logger=tensorboard", "gradcam_images=2",
         synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs, multirun=True,
     )  # fmt: skip
     (sweep,) = (logs / "train" / "multiruns").iterdir()
     assert (sweep / "0" / "summary.json").is_file() and (sweep / "1" / "summary.json").is_file()
+    for job in ("0", "1"):  # every job's TensorBoard tail is on disk, not only the last one's
+        assert_tensorboard_complete(sweep / job, gradcam_images=2)
     with open(sweep / "sweep_summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["rank"] for r in rows] == ["1", "2"]

@@ -182,6 +182,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     }
                 )
                 logger.log_hyperparams(_hparams(cfg), metrics=hp_metrics)
+        # Lightning closed the loggers after `test`; what was written since sits in a new event
+        # file's queue, drained by a daemon thread that dies with the process: flush and close.
+        for logger in loggers:
+            logger.finalize("success")
         print_summary_table(summary)
         log.info("Run directory: %s", output_dir)
     return {**best_metrics, **test_metrics}
