@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from tests.conftest import ROOT
 from visioncare.errors import ConfigurationError
 from visioncare.models.net import TwoHeadNet, check_backbone_name
 from visioncare.utils import accelerator
@@ -112,3 +113,25 @@ def test_unknown_backbone_suggests_the_closest_names():
         TwoHeadNet("efficientnet_v2s")
     with pytest.raises(ConfigurationError, match=r"no pretrained tag 'bogus'.*resnet50\.a1_in1k"):
         check_backbone_name("resnet50.bogus")
+
+
+# The oldest release of each dependency that has an API the code calls (and where).
+API_FLOORS = {
+    "lightning": ("2.6", "Trainer.fit(weights_only=...) in training.py"),
+    "albumentations": ("2.0", "A.Affine(fill=...) in data/transforms.py"),
+    "torch": ("2.5", "torch.onnx.export(dynamo=False) in export.py"),
+    "torchvision": ("0.20", "the torchvision release of torch 2.5"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(API_FLOORS))
+def test_dependency_floors_cover_the_apis_the_code_calls(package):
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirement = next(Requirement(d) for d in declared if Requirement(d).name == package)
+    floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+    needed, why = API_FLOORS[package]
+    assert floors and min(floors) >= Version(needed), f"{package}>={needed} is needed: {why}"
