@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
@@ -42,6 +43,9 @@ def _assert_one_error_line(done: subprocess.CompletedProcess, *fragments: str) -
         (["data.batch_size=0"], ["data.batch_size=0", "integer >= 1"]),
         # Lightning's MisconfigurationException from the Trainer's constructor.
         (["trainer.max_epochs=-3"], ["trainer: ", "`trainer.max_epochs`", "-1", "-3"]),
+        # Found by Hydra while composing, before the task runs.
+        (["data.batchsize=8"], ["data.batchsize is not a config key", "+data.batchsize="]),
+        (["model=nope"], ["Could not find 'model/nope'", "options in 'model': effv2s", "tiny"]),
     ],
 )  # fmt: skip
 def test_train_config_mistakes_are_one_error_line(
@@ -94,6 +98,10 @@ def test_wrapped_user_errors_are_unwrapped_to_their_message():
     assert user_error_message(_wrapped(cause, "data")) == str(cause)
     unknown = TypeError("VisionCareModule.__init__() got an unexpected keyword argument 'colour'")
     assert user_error_message(_wrapped(unknown, "model")).startswith("model.colour is not a known")
+    cfg = OmegaConf.create({"model": {"colour": 1}})
+    assert user_error_message(_wrapped(unknown, "model"), cfg).startswith("model.colour is not")
+    other = OmegaConf.create({"model": {"backbone": "x"}})  # our own call passed `colour`: a bug
+    assert user_error_message(_wrapped(unknown, "model"), other) is None
     assert user_error_message(_wrapped(TypeError("bad operand"), "model")) is None
     assert user_error_message(ValueError("a bug")) is None
 
