@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Callable
@@ -471,3 +472,17 @@ def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
     assert test["test/idrid/num_dr"] + test["test/aptos/num_dr"] == test["test/num_dr"]
     assert test["test/aptos/num_dme"] == 0 and test["test/idrid/num_dme"] == test["test/num_dme"]
     assert 0.0 <= metrics["val/avg_acc"] <= 1.0
+
+
+def test_dr_only_training_leaves_sigma_dme_at_its_initial_value(tmp_path, make_cfg):
+    """A real run on APTOS (no DME grades): the DME log-variance is never pushed anywhere."""
+    make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])
+    cfg = make_cfg(
+        "data=aptos", f"data.root={tmp_path / 'aptos'}", "trainer.max_epochs=2",
+        "unfreeze_step=0", "logger=none", "test=false",
+    )  # fmt: skip
+    train(cfg)
+    with open(Path(cfg.paths.output_dir) / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["loss/sigma_dme"]) for r in rows] == [1.0, 1.0]
+    assert all(float(r["loss/sigma_dr"]) != 1.0 for r in rows)  # the graded task did move
