@@ -10,7 +10,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from visioncare.training import train  # noqa: E402
-from visioncare.utils.hydra import register_resolvers, run_task  # noqa: E402
+from visioncare.utils.hydra import register_resolvers, run_main, run_task  # noqa: E402
 
 register_resolvers()
 
@@ -22,4 +22,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from tests.conftest import ROOT
 from visioncare.errors import ConfigurationError
-from visioncare.models.net import TwoHeadNet
+from visioncare.models.net import TwoHeadNet, check_backbone_name
 from visioncare.utils import accelerator
 
 
@@ -92,3 +93,45 @@ def test_cudnn_benchmark_defaults_on_for_gpus_only():
     assert accelerator.resolve_benchmark(None, "gpu", deterministic=True) is None
     assert accelerator.resolve_benchmark(None, "cpu", deterministic=False) is None
     assert accelerator.resolve_benchmark(False, "gpu", deterministic=False) is False  # explicit
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["convnext_tiny.fb_in22k", "convnext_tiny_in22ft1k", "tf_efficientnetv2_s", "resnet50"],
+)
+def test_backbone_names_timm_accepts_are_accepted(name):
+    check_backbone_name(name)  # a pretrained tag, a deprecated alias, plain names
+
+
+def test_tagged_backbone_builds():
+    net = TwoHeadNet("test_efficientnet.r160_in1k")
+    assert net(torch.randn(1, 3, 64, 64))["dr"].shape == (1, 5)
+
+
+def test_unknown_backbone_suggests_the_closest_names():
+    with pytest.raises(ConfigurationError, match="did you mean efficientnetv2_s"):
+        TwoHeadNet("efficientnet_v2s")
+    with pytest.raises(ConfigurationError, match=r"no pretrained tag 'bogus'.*resnet50\.a1_in1k"):
+        check_backbone_name("resnet50.bogus")
+
+
+# The oldest release of each dependency that has an API the code calls (and where).
+API_FLOORS = {
+    "lightning": ("2.6", "Trainer.fit(weights_only=...) in training.py"),
+    "albumentations": ("2.0", "A.Affine(fill=...) in data/transforms.py"),
+    "torch": ("2.5", "torch.onnx.export(dynamo=False) in export.py"),
+    "torchvision": ("0.20", "the torchvision release of torch 2.5"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(API_FLOORS))
+def test_dependency_floors_cover_the_apis_the_code_calls(package):
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirement = next(Requirement(d) for d in declared if Requirement(d).name == package)
+    floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+    needed, why = API_FLOORS[package]
+    assert floors and min(floors) >= Version(needed), f"{package}>={needed} is needed: {why}"

@@ -8,7 +8,11 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 
+from tests.conftest import CONF
 from tests.test_idrid import make_idrid
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.data.dataset import EpochSeededSampler
@@ -114,3 +118,28 @@ def test_balanced_sampling_evens_out_rare_grades(tmp_path):
         drawn.update(dm.splits["train"][i].dr for _, i in sampler)
     # 2 of 20 images are DR 4, yet about half of the draws are.
     assert 0.35 < drawn[4] / sum(drawn.values()) < 0.65
+
+
+def test_image_size_alone_derives_the_cache_size(make_cfg, tmp_path):
+    # The shipped configs and presets leave data.cache_size null: a new resolution is one key...
+    for overrides in (["data=synthetic"], ["data=idrid"], ["experiment=idrid_effv2s"]):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            assert compose("train", overrides=overrides).data.cache_size is None
+    GlobalHydra.instance().clear()
+    cfg = make_cfg("data.image_size=224", "data.cache_size=null")
+    assert instantiate(cfg.data).preprocess.size == 256
+    cfg = make_cfg("data.image_size=300", "data.cache_size=null")
+    assert instantiate(cfg.data).preprocess.size == 352  # 300 * 9/8 = 337.5, up to 16 px
+    # ...and only an explicit contradiction is refused, naming the way out.
+    with pytest.raises(ConfigurationError, match=r"data.cache_size \(100\).*cache_size=null"):
+        _module(tmp_path / "absent", tmp_path / "cache", image_size=224, cache_size=100)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [("batch_size", 0, ">= 1"), ("num_workers", -1, ">= 0"), ("image_size", 0, ">= 1")],
+)
+def test_loader_sizes_are_checked_before_any_data_is_read(tmp_path, key, value, allowed):
+    with pytest.raises(ConfigurationError, match=f"data.{key}={value} .*{allowed}"):
+        _module(tmp_path / "absent", tmp_path / "cache", **{key: value})

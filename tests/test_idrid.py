@@ -95,9 +95,15 @@ def test_bad_labels_are_all_reported_with_file_and_row(tmp_path):
         IDRiDSource(tmp_path).load()
     message = str(error.value)
     assert "3 problem(s)" in message
-    assert f"{TRAIN_CSV}, row 2: grade '7' is outside 0..4" in message
-    assert "row 3: grade 'two' is not an integer" in message
-    assert "row 4: grade '1.5' is outside 0..2" in message
+    # Line numbers count lines of the file (header = line 1); each names the image and column.
+    where = f"{TRAIN_CSV}, line 2 (header = line 1), image 'IDRiD_001', column 'Retinopathy grade'"
+    assert f"{where}: grade '7' is outside 0..4" in message
+    two = "line 3 (header = line 1), image 'IDRiD_002', column 'Retinopathy grade': grade 'two'"
+    assert two in message
+    assert (
+        "line 4 (header = line 1), image 'IDRiD_003', column 'Risk of macular edema': "
+        "grade '1.5' is outside 0..2"
+    ) in message
 
 
 def test_misspelled_column_names_expected_and_found(tmp_path):

@@ -103,9 +103,9 @@ def test_slurm_tasks_share_a_run_directory_named_after_the_job(slurm_job, monkey
 
 def test_only_rank_zero_writes_the_hydra_config(monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    assert launcher.hydra_output_subdir(".hydra") is None
+    assert launcher.rank_zero_subdir(".hydra") is None
     monkeypatch.setenv("RANK", "0")
-    assert launcher.hydra_output_subdir(".hydra") == ".hydra"
+    assert launcher.rank_zero_subdir(".hydra") == ".hydra"
 
 
 def test_requeued_slurm_job_resumes_from_its_newest_checkpoint(slurm_job, tmp_path):

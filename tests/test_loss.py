@@ -81,8 +81,82 @@ def test_fixed_weights_and_class_weights():
 
 
 def test_bad_loss_config_is_named():
-    with pytest.raises(ValueError, match=r"class_weights\.dme has 2 values"):
+    # ConfigurationError: the entry points turn it into one `ERROR:` line, exit 2.
+    with pytest.raises(ConfigurationError, match=r"class_weights\.dme has 2 values"):
         UncertaintyWeightedLoss(class_weights={"dme": [1, 2]})
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(ConfigurationError, match="unknown tasks"):
         FixedWeightLoss(weights={"dmee": 1.0})
-    assert issubclass(ConfigurationError, Exception)
+
+
+def test_task_without_labels_contributes_nothing_not_even_its_regulariser():
+    loss = UncertaintyWeightedLoss()
+    with torch.no_grad():
+        loss.log_vars["dme"].fill_(0.4)
+    logits = {"dr": torch.randn(3, 5), "dme": torch.randn(3, 3)}
+    targets = {"dr": torch.tensor([1, 2, 3]), "dme": torch.full((3,), -1)}
+    total, parts = loss(logits, targets)
+    dr_only = 0.5 * torch.exp(-loss.log_vars["dr"]) * parts["dr"] + 0.5 * loss.log_vars["dr"]
+    assert torch.allclose(total, dr_only)  # no 0.5 * s_dme = 0.2 added
+    total.backward()
+    assert loss.log_vars["dme"].grad is not None  # in the graph (DDP), but...
+    assert loss.log_vars["dme"].grad.item() == 0.0  # ...not pushed anywhere
+
+
+def test_masked_cross_entropy_matches_torch_on_the_graded_samples():
+    torch.manual_seed(1)
+    logits, target = torch.randn(9, 5), torch.tensor([0, -1, 4, 2, -1, 1, 3, 3, -1])
+    graded = target != -1
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0])
+    for kwargs in ({}, {"weight": weight}, {"weight": weight, "label_smoothing": 0.1}):
+        expected = F.cross_entropy(logits[graded], target[graded], **kwargs)
+        assert torch.allclose(masked_cross_entropy(logits, target, **kwargs), expected, atol=1e-6)
+
+
+def _fit_log_vars(batches, steps: int = 600) -> dict[str, float]:
+    """sigma per task after SGD on the log-variances alone, over fixed logits (no network)."""
+    loss = UncertaintyWeightedLoss()
+    optimizer = torch.optim.SGD(loss.parameters(), lr=0.05)
+    for step in range(steps):
+        logits, targets = batches[step % len(batches)]
+        optimizer.zero_grad()
+        loss(logits, targets)[0].backward()
+        optimizer.step()
+    return {task: float(sigma) for task, sigma in loss.task_sigmas().items()}
+
+
+def _graded_batch(generator: torch.Generator, size: int = 8):
+    logits = {"dr": torch.randn(size, 5, generator=generator) * 2, "dme": torch.randn(size, 3)}
+    targets = {
+        "dr": torch.randint(0, 5, (size,), generator=generator),
+        "dme": torch.randint(0, 3, (size,), generator=generator),
+    }
+    return logits, targets
+
+
+def test_dr_only_data_leaves_sigma_dme_at_its_initial_value():
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        logits, targets = _graded_batch(generator)
+        batches.append((logits, {**targets, "dme": torch.full_like(targets["dme"], -1)}))
+    sigmas = _fit_log_vars(batches)
+    assert sigmas["dme"] == 1.0  # exactly exp(0.5 * 0): never moved
+    assert sigmas["dr"] != 1.0  # the graded task did learn its weight
+
+
+def test_mixed_data_gives_the_sigma_of_the_graded_samples_alone():
+    """IDRiD + APTOS-like mixing: half the batches carry no DME grade.
+
+    Before the fix the ungraded batches' ``0.5 * s`` pulled sigma_DME to sqrt(p * CE) instead
+    of sqrt(CE) (p = 1/2 here: ~0.71x); now both runs settle on the same value.
+    """
+    generator = torch.Generator().manual_seed(0)
+    graded = [_graded_batch(generator) for _ in range(4)]
+    dr_only = []
+    for _ in range(4):
+        logits, targets = _graded_batch(generator)
+        dr_only.append((logits, {**targets, "dme": torch.full_like(targets["dme"], -1)}))
+    mixed = [batch for pair in zip(graded, dr_only, strict=True) for batch in pair]
+    alone = _fit_log_vars(graded)["dme"]
+    together = _fit_log_vars(mixed, steps=1200)["dme"]  # same number of DME-graded steps
+    assert together == pytest.approx(alone, rel=0.03)

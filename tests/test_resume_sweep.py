@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.test_train import assert_tensorboard_complete
 from visioncare.errors import ConfigurationError
+from visioncare.training import train
 from visioncare.utils.checkpoints import resolve_ckpt_path, resume_run_dir
 
 
@@ -37,11 +41,20 @@ def test_resume_continues_in_the_same_run_directory(tmp_path, synthetic_root, ca
     _cli("trainer.max_epochs=2", synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs)
     (run,) = (logs / "train" / "runs").iterdir()
     last = run / "checkpoints" / "last.ckpt"
+    first = {
+        name: (run / ".hydra" / name).read_text() for name in ("config.yaml", "overrides.yaml")
+    }
     _cli(
         f"ckpt_path={last}", "trainer.max_epochs=3",
         synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs,
     )  # fmt: skip
     assert [p.name for p in (logs / "train" / "runs").iterdir()] == [run.name]
+    # The first run's composed config stays; the resume's own is kept beside it.
+    for name, text in first.items():
+        assert (run / ".hydra" / name).read_text() == text, name
+    (resumed,) = (run / ".hydra").glob("resume-*/overrides.yaml")
+    assert f"ckpt_path={last}" in resumed.read_text()
+    assert "max_epochs: 3" in (resumed.parent / "config.yaml").read_text()
     with open(run / "metrics.csv", newline="") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2]
     assert torch.load(last, weights_only=True)["epoch"] == 2
@@ -49,6 +62,46 @@ def test_resume_continues_in_the_same_run_directory(tmp_path, synthetic_root, ca
     # `last` finds the newest last.ckpt of the task, and resumes in its directory too.
     assert resolve_ckpt_path("last", logs / "train") == str(last)
     assert resume_run_dir("last", str(logs / "train"), "fresh") == str(run.resolve())
+
+
+def test_resume_into_another_directory_brings_the_best_checkpoint(make_cfg, tmp_path):
+    """`ckpt_path=<run A>/checkpoints/last.ckpt` with another run dir (explicit hydra.run.dir).
+
+    A resume that trains no better epoch writes no best.ckpt of its own; the test phase needs
+    the original one. Resuming a finished run (no epoch left) is the deterministic case.
+    """
+    first = make_cfg("trainer.max_epochs=2", "logger=none", "test=false")
+    with open_dict(first):
+        first.paths.output_dir = str(tmp_path / "A")
+    train(first)
+    last = tmp_path / "A" / "checkpoints" / "last.ckpt"
+    again = make_cfg(f"ckpt_path={last}", "trainer.max_epochs=2", "logger=none")
+    with open_dict(again):
+        again.paths.output_dir = str(tmp_path / "B")
+    metrics = train(again)
+    assert "test/acc_dr" in metrics
+    copied = tmp_path / "B" / "checkpoints" / "best.ckpt"
+    assert copied.read_bytes() == (tmp_path / "A" / "checkpoints" / "best.ckpt").read_bytes()
+
+    # Only last.ckpt was copied somewhere: refused before training, naming the missing file.
+    lonely = tmp_path / "elsewhere" / "last.ckpt"
+    lonely.parent.mkdir()
+    shutil.copy2(last, lonely)
+    alone = make_cfg(f"ckpt_path={lonely}", "trainer.max_epochs=3", "logger=none")
+    with open_dict(alone):
+        alone.paths.output_dir = str(tmp_path / "C")
+    with pytest.raises(ConfigurationError, match=r"best checkpoint \(epoch \d\).*best\.ckpt"):
+        train(alone)
+    assert not (tmp_path / "C" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_home_relative_checkpoint_resumes_in_its_own_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = tmp_path / "runs" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    found = resume_run_dir("~/runs/r1/checkpoints/last.ckpt", str(tmp_path), "fresh")
+    assert found == str(run.resolve())
 
 
 def test_bad_checkpoints_are_named(tmp_path):
@@ -69,11 +122,13 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_multirun_sweep_writes_a_ranked_summary(tmp_path, synthetic_root, cache_dir):
     logs = tmp_path / "logs"
     _cli(
-        "unfreeze_step=1,2", "trainer.max_epochs=2",
+        "unfreeze_step=1,2", "trainer.max_epochs=2", "logger=tensorboard", "gradcam_images=2",
         synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs, multirun=True,
     )  # fmt: skip
     (sweep,) = (logs / "train" / "multiruns").iterdir()
     assert (sweep / "0" / "summary.json").is_file() and (sweep / "1" / "summary.json").is_file()
+    for job in ("0", "1"):  # every job's TensorBoard tail is on disk, not only the last one's
+        assert_tensorboard_complete(sweep / job, gradcam_images=2)
     with open(sweep / "sweep_summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["rank"] for r in rows] == ["1", "2"]

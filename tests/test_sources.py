@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Callable
@@ -150,9 +151,10 @@ def test_aptos_bad_and_empty_diagnosis_all_reported(tmp_path):
         APTOSSource(root).load()
     message = str(error.value)
     assert "3 problem(s)" in message
-    assert "train.csv, row 2: grade '5' is outside 0..4" in message
-    assert "train.csv, row 3: empty diagnosis" in message
-    assert "train.csv, row 4: grade 'mild' is not an integer" in message
+    line = "train.csv, line {} (header = line 1), image '{}'"
+    assert f"{line.format(2, 'a1')}, column 'diagnosis': grade '5' is outside 0..4" in message
+    assert f"{line.format(3, 'a2')}: empty diagnosis" in message
+    assert f"{line.format(4, 'a3')}, column 'diagnosis': grade 'mild' is not an integer" in message
 
 
 # -------------------------------------------------------------------------- hold-out split
@@ -254,6 +256,18 @@ def test_messidor2_skips_ungradable_rows_with_a_logged_count(tmp_path, caplog):
     assert not any("IM00999" in k for k in source.referable_dme)
 
 
+def test_eyepacs_row_lines_count_blank_lines_of_the_file(tmp_path):
+    # A blank line in the middle still counts: "line 5" is where an editor shows the bad cell.
+    root = make_eyepacs(tmp_path)
+    write_csv(root / "trainLabels.csv", "image,level", ["10_left,0", "", "10_right,1", "11_left,9"])
+    with pytest.raises(DataValidationError) as error:
+        EyePACSSource(root).load()
+    assert (
+        "trainLabels.csv, line 5 (header = line 1), image '11_left', column 'level': "
+        "grade '9' is outside 0..4"
+    ) in str(error.value)
+
+
 def test_messidor2_bad_cells_reported_with_row(tmp_path):
     extra = ("IM009991.JPG, 7, 0, 1", "IM009992.JPG, 2, 2, 1", "IM009993.JPG, 1, 0, maybe")
     root = make_messidor2(tmp_path, extra_rows=extra)
@@ -261,9 +275,10 @@ def test_messidor2_bad_cells_reported_with_row(tmp_path):
         Messidor2Source(root).load()
     message = str(error.value)
     assert "3 problem(s)" in message
-    assert "messidor_data.csv, row 12: grade '7' is outside 0..4" in message
-    assert "row 13: grade '2' is outside 0..1" in message
-    assert "row 14: grade 'maybe' is not an integer" in message
+    line = "messidor_data.csv, line {} (header = line 1), image '{}', column '{}'"
+    assert line.format(12, "IM009991.JPG", "adjudicated_dr_grade") + ": grade '7' is" in message
+    assert line.format(13, "IM009992.JPG", "adjudicated_dme") + ": grade '2' is" in message
+    assert line.format(14, "IM009993.JPG", "adjudicated_gradable") + ": grade 'maybe'" in message
 
 
 # ------------------------------------------------------------------------------ CSV table
@@ -347,10 +362,11 @@ def test_csv_problems_reported_with_file_and_row(tmp_path):
         CSVTableSource(tmp_path, table="labels.csv").load()
     message = str(error.value)
     assert "4 problem(s)" in message
-    assert f"{table}, row 3, column 'dr': grade '6' is outside 0..4" in message
-    assert f"{table}, row 4, column 'dr': grade 'moderate' is not an integer" in message
-    assert f"{table}, row 5: neither a DR nor a DME grade" in message
-    assert f"{table}, row 6, column 'dme': grade '3' is outside 0..2" in message
+    line = f"{table}, line {{}} (header = line 1), image '{{}}'"
+    assert f"{line.format(3, 'b.png')}, column 'dr': grade '6' is outside 0..4" in message
+    assert f"{line.format(4, 'c.png')}, column 'dr': grade 'moderate' is not an int" in message
+    assert f"{line.format(5, 'd.png')}: neither a DR nor a DME grade" in message
+    assert f"{line.format(6, 'e.png')}, column 'dme': grade '3' is outside 0..2" in message
 
 
 def test_csv_unknown_map_value_and_bad_split_reported(tmp_path):
@@ -370,10 +386,12 @@ def test_csv_unknown_map_value_and_bad_split_reported(tmp_path):
     message = str(error.value)
     assert "2 problem(s)" in message
     assert (
-        f"{table}, row 3, column 'dr': value 'severe' is not in data.dr_map "
+        f"{table}, line 3 (header = line 1), image 'b.png', column 'dr': value 'severe' is not "
+        "in data.dr_map "
         "(known: ['mild', 'none'])" in message
     )
-    assert f"{table}, row 4, column 'split': split 'holdout' is not train, val or test" in message
+    where = f"{table}, line 4 (header = line 1), image 'c.png', column 'split'"
+    assert f"{where}: split 'holdout' is not train, val or test" in message
 
 
 def test_csv_split_column_without_test_rows(tmp_path):
@@ -454,3 +472,17 @@ def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
     assert test["test/idrid/num_dr"] + test["test/aptos/num_dr"] == test["test/num_dr"]
     assert test["test/aptos/num_dme"] == 0 and test["test/idrid/num_dme"] == test["test/num_dme"]
     assert 0.0 <= metrics["val/avg_acc"] <= 1.0
+
+
+def test_dr_only_training_leaves_sigma_dme_at_its_initial_value(tmp_path, make_cfg):
+    """A real run on APTOS (no DME grades): the DME log-variance is never pushed anywhere."""
+    make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])
+    cfg = make_cfg(
+        "data=aptos", f"data.root={tmp_path / 'aptos'}", "trainer.max_epochs=2",
+        "unfreeze_step=0", "logger=none", "test=false",
+    )  # fmt: skip
+    train(cfg)
+    with open(Path(cfg.paths.output_dir) / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["loss/sigma_dme"]) for r in rows] == [1.0, 1.0]
+    assert all(float(r["loss/sigma_dr"]) != 1.0 for r in rows)  # the graded task did move

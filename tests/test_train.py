@@ -6,11 +6,14 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
@@ -22,6 +25,35 @@ CONTRACT_COLUMNS = [
     "val/f1_dme", "val/avg_acc", "lr", "time/epoch_s", "memory/rss_mb", "loss/sigma_dr",
     "loss/sigma_dme", "unfreeze/stage", "unfreeze/trainable_fraction",
 ]  # fmt: skip
+
+
+HP_METRICS = {
+    "hp/best_val_avg_acc",
+    "hp/best_val_joint_acc",
+    "hp/test_avg_acc",
+    "hp/test_joint_acc",
+}
+
+
+def assert_tensorboard_complete(run: Path, gradcam_images: int) -> None:
+    """What the run wrote after training is on disk, read back by TensorBoard's own loader.
+
+    The Grad-CAM previews and the final hparams/hp-metrics are written after Lightning has
+    finalized the logger; unflushed, the tail of the event file was lost at exit.
+    """
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    gradcam = [t for t in tags["images"] if t.startswith("gradcam/")]
+    assert len(gradcam) == 2 * gradcam_images, gradcam  # one overlay per task
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    declared = set()
+    for content in hparams.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        declared |= {info.name.tag for info in data.experiment.metric_infos}
+    assert declared == HP_METRICS
+    assert set(tags["scalars"]) >= HP_METRICS  # each declared metric has its value
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -48,9 +80,7 @@ def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cac
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # Grad-CAM previews of 4 validation images, one per task, also sent to TensorBoard.
     assert len(list((run / "plots" / "gradcam").glob("*.png"))) == 8
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    assert len([t for t in events.Tags()["images"] if t.startswith("gradcam/")]) == 8
+    assert_tensorboard_complete(run, gradcam_images=4)
 
     rows = _rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # one row per epoch
@@ -119,3 +149,22 @@ def test_cli_bad_data_root_fails_cleanly(tmp_path):
     assert "data.root=" in done.stderr and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert not list((tmp_path / "logs").glob("**/*.ckpt"))
+
+
+def test_everything_written_to_tensorboard_is_on_disk_when_train_returns(make_cfg, monkeypatch):
+    """The tail a run writes after Lightning closed the logger must not wait in a queue.
+
+    TensorBoard's writer thread drains its queue in the background and, being a daemon, dies
+    with the process; a slow disk (simulated: 20 ms per record) leaves the queue's tail unwritten
+    when `train` returns, exactly what a real run lost at exit.
+    """
+    slow_write = RecordWriter.write
+
+    def write(self, data):
+        time.sleep(0.02)
+        slow_write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    cfg = make_cfg("trainer.max_epochs=1", "gradcam_images=3")
+    train(cfg)
+    assert_tensorboard_complete(Path(cfg.paths.output_dir), gradcam_images=3)

@@ -32,3 +32,14 @@ class ConfigurationError(VisionCareError):
 
 class TrainingDivergedError(VisionCareError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def check_int_at_least(value: object, key: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, else a `ConfigurationError` naming ``key``.
+
+    Checked where the value is taken, so `data.batch_size=0` fails before any data is read,
+    not inside a DataLoader's sampler with torch's wording.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{key}={value!r} is not allowed; use an integer >= {minimum}")
+    return value

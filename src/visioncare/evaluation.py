@@ -48,10 +48,11 @@ from torchmetrics.classification import (
 from visioncare import IGNORE_INDEX, TASKS
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.data.transforms import build_eval_transform
-from visioncare.errors import ConfigurationError
+from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.inference import InputSpec, input_spec, load_model
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.plots import plot_confusion_matrix, plot_roc
+from visioncare.prediction import resolve_device
 from visioncare.utils.checkpoints import resolve_ckpt_path
 
 log = logging.getLogger("visioncare")
@@ -73,7 +74,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     split = str(cfg.get("split", "test"))
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_int_at_least(cfg.batch_size, "batch_size")
+    check_int_at_least(cfg.num_workers, "num_workers", minimum=0)
+    device = str(resolve_device(str(cfg.get("device", "auto"))))
     model, config = load_model(ckpt_path, device=device)
     spec = input_spec(model, config)
     datamodule = build_datamodule(cfg, config, spec)
@@ -96,7 +99,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         batch_size=int(cfg.batch_size),
         shuffle=False,
         num_workers=int(cfg.num_workers),
-        pin_memory=device == "cuda",
+        pin_memory=device.startswith("cuda"),
     )
     probs, targets, source_ids = predict(model, loader, device, tta=bool(cfg.get("tta", False)))
     records = datamodule.splits[split]

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from visioncare import TASKS
 from visioncare.data.fundus import LOCALISATION_VERSION
-from visioncare.data.preprocess import Prepared, PreprocessConfig, prepare
+from visioncare.data.preprocess import Prepared, PreprocessConfig, default_cache_size, prepare
 from visioncare.data.quality import QualityThresholds
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
@@ -106,7 +106,8 @@ def input_spec(model: VisionCareModule, config: dict) -> InputSpec:
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
         preprocess=PreprocessConfig(
-            size=int(data.get("cache_size", image_size)),
+            # null in the run config = derived from image_size, exactly as the datamodule did.
+            size=int(data.get("cache_size", image_size) or default_cache_size(image_size)),
             crop_fundus=bool(data.get("crop_fundus", True)),
             ben_graham=bool(data.get("ben_graham", False)),
         ),

@@ -28,7 +28,7 @@ from visioncare.data.fundus import FundusField, field_in_crop, field_mask
 from visioncare.data.inputs import collect_images
 from visioncare.data.preprocess import Prepared, UnreadableImageError, prepare
 from visioncare.data.quality import QualityThresholds
-from visioncare.errors import ConfigurationError
+from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.inference import (
     ImagePreprocessor,
     InputSpec,
@@ -337,6 +337,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """The `predict` task: checkpoint + input → CSV (+ Grad-CAM overlays with explain=true)."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    check_int_at_least(cfg.batch_size, "batch_size")
+    check_int_at_least(cfg.num_workers, "num_workers", minimum=0)
     device = resolve_device(str(cfg.get("device", "auto")))
     model, spec = load_predictor(str(cfg.ckpt_path), device, explain=bool(cfg.get("explain")))
     thresholds = QualityThresholds(**cfg.get("quality", {}))

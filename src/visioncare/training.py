@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from visioncare.callbacks import BestAverageAccuracy
@@ -27,7 +28,7 @@ from visioncare.inference import input_spec, load_model
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.prediction import gradcam_examples
 from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
-from visioncare.utils.checkpoints import resolve_ckpt_path
+from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.launcher import checkpoint_to_resume
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
@@ -163,6 +164,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.configure_sources(datamodule.source_names)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
+    best_cb = next((c for c in callbacks if isinstance(c, BestAverageAccuracy)), None)
+    if ckpt_path and best_cb is not None:
+        best_file = best_cb.dirpath / best_cb.filename
+        carry_best_checkpoint(ckpt_path, best_file, copy=rank_zero_only.rank == 0)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger; metrics.csv has `lr`
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -175,7 +180,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # weights_only=True: checkpoints hold plain data only, so loading never runs pickled code.
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    best_cb = next((c for c in callbacks if isinstance(c, BestAverageAccuracy)), None)
     best_path = best_cb.best_model_path if best_cb else ""
     if not best_path:
         log.warning("No best checkpoint was selected; evaluating the current weights")
@@ -222,6 +226,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     }
                 )
                 logger.log_hyperparams(_hparams(cfg), metrics=hp_metrics)
+        # Lightning closed the loggers after `test`; what was written since sits in a new event
+        # file's queue, drained by a daemon thread that dies with the process: flush and close.
+        for logger in loggers:
+            logger.finalize("success")
         print_summary_table(summary)
         log.info("Run directory: %s", output_dir)
     return {**best_metrics, **test_metrics}

@@ -21,12 +21,12 @@ from torch.utils.data import DataLoader, Sampler
 from visioncare.data.cache import PreprocessedCache
 from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, FundusDataset
 from visioncare.data.preparation_lock import exclusive_preparation
-from visioncare.data.preprocess import PreprocessConfig
+from visioncare.data.preprocess import PreprocessConfig, default_cache_size
 from visioncare.data.records import Record, stratified_split
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
-from visioncare.errors import ConfigurationError, DataValidationError
+from visioncare.errors import ConfigurationError, DataValidationError, check_int_at_least
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class FundusDataModule(L.LightningDataModule):
         source: a `DatasetSource` class (or partial) called as ``source(root, **source_options)``.
         root: the dataset folder (`data.root`).
         image_size: side of the network input in pixels.
-        cache_size: side of the cached preprocessed image (>= image_size).
+        cache_size: side of the cached preprocessed image (>= image_size); None = derived from
+            image_size (`default_cache_size`: 224 → 256), so a new resolution needs one key.
         batch_size: per-device batch size.
         num_workers: DataLoader worker processes per training process, or ``auto`` (see
             `resolve_num_workers`).
@@ -63,7 +64,7 @@ class FundusDataModule(L.LightningDataModule):
         source: Callable[..., DatasetSource],
         root: str,
         image_size: int = 224,
-        cache_size: int = 256,
+        cache_size: int | None = None,
         batch_size: int = 16,
         num_workers: int | str = "auto",
         val_fraction: float = 0.2,
@@ -81,13 +82,20 @@ class FundusDataModule(L.LightningDataModule):
         **source_options: Any,
     ) -> None:
         super().__init__()
-        if cache_size < image_size:
+        check_int_at_least(image_size, "data.image_size", minimum=1)
+        check_int_at_least(batch_size, "data.batch_size", minimum=1)
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
             raise ConfigurationError(
-                f"data.cache_size ({cache_size}) must be >= data.image_size ({image_size})"
+                f"data.num_workers={num_workers!r} is not allowed; use an integer >= 0 or auto"
             )
-        if not (isinstance(num_workers, int) or num_workers == "auto"):
+        if cache_size is None:
+            cache_size = default_cache_size(image_size)
+        elif cache_size < image_size:
             raise ConfigurationError(
-                f"data.num_workers must be a number of processes or 'auto', got {num_workers!r}"
+                f"data.cache_size ({cache_size}) must be >= data.image_size ({image_size}); "
+                "set data.cache_size=null to derive it from the image size"
             )
         if on_bad_image not in ("error", "skip"):
             raise ConfigurationError(

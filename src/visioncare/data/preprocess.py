@@ -78,6 +78,15 @@ class PreprocessConfig:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
+def default_cache_size(image_size: int) -> int:
+    """The cached side for a network input of ``image_size``: 1/8 above it, rounded up to 16 px.
+
+    The margin lets training's random resized crops keep detail; 224 → 256 and 128 → 144.
+    Used when `data.cache_size` is null, so changing `data.image_size` alone is enough.
+    """
+    return -(-(image_size * 9) // 128) * 16  # ceil(image_size * 9/8 / 16) * 16
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One photo as the network's cache holds it, with what was found on the way.

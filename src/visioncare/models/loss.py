@@ -10,7 +10,11 @@ so a task whose loss stays high is down-weighted, and the ``+ 0.5 s_t`` term sto
 without bound. `FixedWeightLoss` is the ablation with hand-set weights.
 
 A label of -1 means "not graded for this task" (APTOS has no DME): each task's cross-entropy is a
-mean over its labelled samples only, and a batch with none contributes exactly 0 (never NaN).
+mean over its labelled samples only, and a batch with none contributes exactly 0 (never NaN), its
+``0.5 * s_t`` regulariser included. Otherwise every ungraded batch would push ``s_t`` down: on a
+DR-only set sigma_DME would fall without bound, and with datasets mixed the DME weight would be
+inflated by 1/p (p = share of batches with a DME label). Both are written as tensor arithmetic
+(no ``bool(mask.any())``), so a step never waits for the device.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from visioncare import IGNORE_INDEX, TASKS
+from visioncare.errors import ConfigurationError
 
 
 def masked_cross_entropy(
@@ -28,17 +33,26 @@ def masked_cross_entropy(
     weight: Tensor | None = None,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Cross-entropy averaged over the samples whose label is not -1; 0 when there are none."""
+    """Cross-entropy averaged over the samples whose label is not -1; 0 when there are none.
+
+    A sum over the labelled samples divided by their count (their summed class weight when
+    ``weight`` is given, as torch's mean does), clamped to 1: no boolean indexing and no host
+    sync, and an all-unlabelled batch still reaches every head parameter (a zero gradient, which
+    DDP needs).
+    """
     labelled = target != IGNORE_INDEX
-    if not bool(labelled.any()):
-        # Keep the graph connected so DDP sees a gradient (of zero) for every head parameter.
-        return logits.sum() * 0.0
-    return F.cross_entropy(
-        logits[labelled].float(),
-        target[labelled],
+    total = F.cross_entropy(
+        logits.float(),
+        target,
         weight=weight,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
         label_smoothing=label_smoothing,
     )
+    if weight is None:
+        return total / labelled.sum().clamp_min(1)
+    graded_weight = (weight[target.clamp_min(0)] * labelled).sum()
+    return total / graded_weight.clamp_min(torch.finfo(graded_weight.dtype).tiny)
 
 
 class _MultiTaskLoss(nn.Module):
@@ -56,7 +70,7 @@ class _MultiTaskLoss(nn.Module):
         for task, num_classes in self.tasks.items():
             weights = (class_weights or {}).get(task)
             if weights is not None and len(weights) != num_classes:
-                raise ValueError(
+                raise ConfigurationError(
                     f"loss.class_weights.{task} has {len(weights)} values; "
                     f"task '{task}' has {num_classes} classes"
                 )
@@ -110,7 +124,9 @@ class UncertaintyWeightedLoss(_MultiTaskLoss):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         losses = self.task_losses(logits, targets)
         total = sum(
-            0.5 * torch.exp(-self.log_vars[task]) * loss + 0.5 * self.log_vars[task]
+            # (graded > 0) as a tensor factor: a task without labels here adds nothing at all.
+            (0.5 * torch.exp(-self.log_vars[task]) * loss + 0.5 * self.log_vars[task])
+            * (targets[task] != IGNORE_INDEX).any()
             for task, loss in losses.items()
         )
         return total, losses
@@ -130,7 +146,7 @@ class FixedWeightLoss(_MultiTaskLoss):
         weights = dict(weights or {})
         unknown = set(weights) - set(self.tasks)
         if unknown:
-            raise ValueError(
+            raise ConfigurationError(
                 f"loss.weights names unknown tasks {sorted(unknown)}; use {list(self.tasks)}"
             )
         self.weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}

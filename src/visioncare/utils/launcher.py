@@ -92,7 +92,7 @@ def launcher_rank() -> int:
     return 0
 
 
-def hydra_output_subdir(subdir: str) -> str | None:
+def rank_zero_subdir(subdir: str) -> str | None:
     """Hydra resolver ``${rank_zero_subdir:.hydra}``: only rank 0 writes the composed config.
 
     Every rank shares the run directory; N processes rewriting `.hydra/config.yaml` at once could

@@ -33,6 +33,7 @@ from visioncare.data.sources.tables import (
     parse_grade,
     read_label_table,
     resolve_image,
+    row_location,
 )
 from visioncare.errors import ConfigurationError, DataValidationError
 
@@ -162,7 +163,7 @@ class CSVTableSource(DatasetSource):
         splits: dict[str, list[Record]] = {"train": [], "test": []}
         pool: list[Record] = []
         for row in frame.itertuples(index=False):
-            where = f"{path}, row {row.row}"
+            where = row_location(path, row.row, row.image)
             before = len(problems)
             cells = row._asdict()
             if is_blank(row.image):
@@ -198,9 +199,9 @@ class CSVTableSource(DatasetSource):
             return -1
         column = self.columns[task]
         mapping = self.maps[task]
-        where = f"{where}, column {column!r}"
         if mapping is None:
-            return parse_grade(value, MAX_GRADE[task], where, problems)
+            return parse_grade(value, MAX_GRADE[task], where, problems, column)
+        where = f"{where}, column {column!r}"
         text = str(value).strip()
         if text.lower() not in mapping:
             problems.append(

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
-from visioncare.data.sources.tables import parse_grade, read_label_table, resolve_image
+from visioncare.data.sources.tables import (
+    parse_grade,
+    read_label_table,
+    resolve_image,
+    row_location,
+)
 from visioncare.errors import DataValidationError
 
 GRADING = "B. Disease Grading"
@@ -54,9 +59,9 @@ class IDRiDSource(DatasetSource):
             listing = {p.name: p for p in folder.iterdir()} if folder.is_dir() else {}
             records = []
             for row in table.itertuples(index=False):
-                where = f"{grading / LABELS / csv_name}, row {row.row}"
-                dr = parse_grade(row.dr, 4, where, problems)
-                dme = parse_grade(row.dme, 2, where, problems)
+                where = row_location(grading / LABELS / csv_name, row.row, row.image)
+                dr = parse_grade(row.dr, 4, where, problems, COLUMNS["dr"])
+                dme = parse_grade(row.dme, 2, where, problems, COLUMNS["dme"])
                 if not row.image:
                     problems.append(f"{where}: empty image name")
                     continue

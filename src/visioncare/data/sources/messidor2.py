@@ -29,6 +29,7 @@ from visioncare.data.sources.tables import (
     parse_grade,
     read_label_table,
     resolve_image,
+    row_location,
 )
 from visioncare.errors import DataValidationError
 
@@ -93,16 +94,16 @@ class Messidor2Source(DatasetSource):
         referable: dict[str, int] = {}
         skipped: list[str] = []
         for row in table.itertuples(index=False):
-            where = f"{labels}, row {row.row}"
+            where = row_location(labels, row.row, row.image)
             if is_blank(row.image):
                 problems.append(f"{where}: empty image_id")
                 continue
-            gradable = parse_grade(row.gradable, 1, where, problems)
+            gradable = parse_grade(row.gradable, 1, where, problems, COLUMNS["gradable"])
             if gradable == 0 or is_blank(row.dr):
                 skipped.append(row.image)
                 continue
-            dr = parse_grade(row.dr, 4, where, problems)
-            dme = parse_grade(row.dme, 1, where, problems)
+            dr = parse_grade(row.dr, 4, where, problems, COLUMNS["dr"])
+            dme = parse_grade(row.dme, 1, where, problems, COLUMNS["dme"])
             image = lowered.get(row.image.lower()) or resolve_image(
                 folder, Path(row.image).stem, listing
             )

@@ -20,7 +20,7 @@ def read_label_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
     """Read a label CSV leniently (BOM, CRLF, stray spaces, empty trailing columns).
 
     Returns a frame with columns ``image``, ``dr``, ``dme`` (strings), plus ``row`` = the line
-    number in the file (header = line 1) for error messages.
+    number in the file (header = line 1) for error messages; blank lines keep their number.
     """
     if not path.is_file():
         raise DataValidationError(f"label file not found: {path}")
@@ -33,6 +33,7 @@ def read_label_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
             skipinitialspace=True,
             keep_default_na=False,
             na_values=[""],
+            skip_blank_lines=False,
         )
     except pd.errors.EmptyDataError:
         raise DataValidationError(
@@ -59,10 +60,26 @@ def read_label_table(path: Path, columns: dict[str, str]) -> pd.DataFrame:
     return table
 
 
-def parse_grade(value: object, max_grade: int, where: str, problems: list[str]) -> int:
-    """An integer grade in 0..max_grade, or -1 for an empty cell; records a problem otherwise."""
+def row_location(path: Path, line: int, image: object) -> str:
+    """Where a table row is, for problem reports: the file, its line and the row's image.
+
+    ``line`` counts lines of the file with the header as line 1 (what an editor shows), and the
+    image key finds the row again after the table was sorted or filtered.
+    """
+    name = "" if is_blank(image) else f", image {str(image).strip()!r}"
+    return f"{path}, line {line} (header = line 1){name}"
+
+
+def parse_grade(
+    value: object, max_grade: int, where: str, problems: list[str], column: str = ""
+) -> int:
+    """An integer grade in 0..max_grade, or -1 for an empty cell; records a problem otherwise.
+
+    ``column`` (the table's header name) is added to ``where`` in the problem report.
+    """
     if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
         return -1
+    where = f"{where}, column {column!r}" if column else where
     text = str(value).strip()
     try:
         number = float(text)
@@ -134,14 +151,14 @@ def read_dr_only_table(
     listing = {p.name: p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
     records = []
     for row in table.itertuples(index=False):
-        where = f"{labels}, row {row.row}"
+        where = row_location(labels, row.row, row.image)
         if is_blank(row.image):
             problems.append(f"{where}: empty {columns['image']}")
             continue
         if is_blank(row.dr):
             problems.append(f"{where}: empty {columns['dr']} (the only grade {source} has)")
             continue
-        dr = parse_grade(row.dr, 4, where, problems)
+        dr = parse_grade(row.dr, 4, where, problems, columns["dr"])
         image = resolve_image(folder, row.image, listing)
         if not image.is_file() and not Path(row.image).suffix:
             image = folder / f"{row.image}{default_suffix}"
