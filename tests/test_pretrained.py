@@ -96,6 +96,15 @@ def test_offline_weights_for_an_unpackaged_backbone_say_what_to_do(weights_dir):
         TwoHeadNet(LITE0, pretrained="imagenet")
 
 
+def test_a_weights_file_of_another_architecture_names_both(weights_dir):
+    lite0_file = offline_weights(LITE0, weights_dir).path
+    with pytest.raises(ConfigurationError) as error:
+        TwoHeadNet("test_efficientnet", weights_path=str(lite0_file))
+    message = str(error.value)
+    assert lite0_file.name in message and "model.backbone=test_efficientnet" in message
+    assert "size mismatch" in message and message.count("\n") == 0 and len(message) < 1200
+
+
 def _backbone_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     prefix = "net.backbone."
     return {

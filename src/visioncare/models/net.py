@@ -121,9 +121,12 @@ def _from_file(name: str, path: Path, what: str) -> nn.Module:
             name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
         )
     except Exception as exc:  # timm raises several types for a bad file
+        # torch lists every mismatched tensor (hundreds of lines for another architecture).
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = "; ".join(lines[:3]) + (f"; … {len(lines) - 3} more" if len(lines) > 3 else "")
         raise ConfigurationError(
-            f"could not load {what} ({path}) into model.backbone={name}: {exc}. "
-            "Use a timm checkpoint of the same architecture."
+            f"could not load {what} ({path}) into model.backbone={name}: {detail}. "
+            f"Use a timm checkpoint of {name}, or the model.backbone the file was saved from."
         ) from exc
 
 
