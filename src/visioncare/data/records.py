@@ -20,6 +20,9 @@ class Record:
         dme: DME grade 0-2, or -1 when not graded.
         source: dataset name (e.g. ``idrid``), for per-source metrics.
         key: stable unique id, split included (IDRiD train and test images share file names).
+        patient: id of the person photographed, unique within the source ("" = unknown: the
+            image is treated as its own patient). Splits never separate a patient's images.
+        laterality: ``L`` or ``R`` where known, else "".
     """
 
     image: Path
@@ -27,6 +30,13 @@ class Record:
     dme: int
     source: str
     key: str
+    patient: str = ""
+    laterality: str = ""
+
+    @property
+    def group(self) -> str:
+        """What splits and per-patient metrics keep together: the patient, or the image."""
+        return f"{self.source}/patient:{self.patient}" if self.patient else self.key
 
 
 def stratified_split(

@@ -22,6 +22,7 @@ from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
+from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
 
 # Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
 # stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
@@ -88,6 +89,8 @@ class VisionCareModule(L.LightningModule):
         self.confusion: dict[str, dict[str, Tensor]] = {}
         # The composed run config (plain dict), stored in every checkpoint for eval/predict.
         self.run_config: dict[str, Any] | None = None
+        # Task → referable threshold chosen on validation (`visioncare.referral`), set after fit.
+        self.operating_points: dict[str, dict[str, Any]] | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -278,6 +281,8 @@ class VisionCareModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint["visioncare_config"] = self.run_config
         checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
+        if self.operating_points:
+            checkpoint[OPERATING_POINTS_KEY] = self.operating_points
         # Dropout draws from the global generators: without their state a resumed run diverges.
         checkpoint["visioncare_rng"] = {
             "torch": torch.get_rng_state(),
@@ -286,6 +291,7 @@ class VisionCareModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("visioncare_config", self.run_config)
+        self.operating_points = checkpoint.get(OPERATING_POINTS_KEY, self.operating_points)
         rng = checkpoint.get("visioncare_rng")
         if rng and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
