@@ -184,3 +184,22 @@ def test_threshold_reaches_target_sensitivity():
     assert points["dr"]["threshold"] == pytest.approx(0.6)
     assert points["dr"]["val_sensitivity"] == pytest.approx(0.6)
     assert points["dr"]["val_specificity"] == pytest.approx(4 / 5)  # only 0.7 is referred
+
+
+def test_eval_reports_per_patient_metrics_only_when_patients_are_shared():
+    from visioncare.evaluation import uncertainty_metrics
+
+    probs, targets = _sample(30, seed=5)
+    outcomes = outcomes_from_probs(probs, targets, THRESHOLDS)
+    alone = uncertainty_metrics(outcomes, [f"img{i}" for i in range(30)], "test", 50, 0)
+    assert "test/patient/num_patients" not in alone and "test/acc_dr_ci_low" in alone
+    patients = [f"p{i // 2}" for i in range(30)]
+    shared = uncertainty_metrics(outcomes, patients, "test", 50, 0)
+    assert shared["test/patient/num_patients"] == 15
+    expected = point_metrics(patient_outcomes(outcomes, patients)[0])
+    assert shared["test/patient/acc_dr"] == pytest.approx(expected["acc_dr"])
+    assert shared["test/patient/qwk_dme_ci_low"] <= shared["test/patient/qwk_dme"]
+    # Resampling patients, not images: the image-level interval differs from `alone`'s.
+    assert shared["test/acc_dr_ci_low"] != alone["test/acc_dr_ci_low"] or (
+        shared["test/acc_dr_ci_high"] != alone["test/acc_dr_ci_high"]
+    )
