@@ -490,7 +490,11 @@ def print_table(metrics: dict[str, Any], split: str, console: Console | None = N
     table.add_column(split, justify="right")
     table.add_column("95 % CI", justify="right")
     keys = [*HEADLINE, "ece_dr", "ece_dme"]
-    keys += [f"referable_{t}_{m}" for t in TASKS for m in ("sensitivity", "specificity", "auroc")]
+    keys += [
+        f"referable_{t}_{m}"
+        for t in TASKS
+        for m in ("threshold", "sensitivity", "specificity", "auroc")
+    ]
     for name in keys:
         key = f"{split}/{name}"
         low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
