@@ -309,6 +309,23 @@ def test_messidor2_png_and_upper_case_jpg_and_referable_dme(tmp_path):
     assert all(source.referable_dme[k] == int(r.dr >= 3) for k, r in records.items())
 
 
+def test_messidor2_examination_pairs_share_a_patient(tmp_path):
+    """20 images = 10 examinations (2 per DR grade): the test hold-out takes whole pairs."""
+    grades = [g for g in range(5) for _ in range(4)]
+    root = make_messidor2(tmp_path, grades)
+    names = [messidor_name(i) for i in range(len(grades))]
+    rows = "left;right\n" + "".join(f"{names[i]};{names[i + 1]}\n" for i in range(0, 20, 2))
+    (root / "pairs.csv").write_text(rows)
+    splits = Messidor2Source(root, pairs_table="pairs.csv").load()
+    side = {r.key.split("/", 1)[1]: split for split, rs in splits.items() for r in rs}
+    patient = {r.key.split("/", 1)[1]: r.patient for rs in splits.values() for r in rs}
+    assert patient[names[2]] == patient[names[3]] == names[2]
+    assert len(splits["test"]) == 4  # round(10 examinations * 0.2) = 2, both images each
+    assert all(side[names[i]] == side[names[i + 1]] for i in range(0, 20, 2))
+    with pytest.raises(ConfigurationError, match=r"data\.pairs_table='nope\.csv'"):
+        Messidor2Source(root, pairs_table="nope.csv").load()
+
+
 def test_messidor2_skips_ungradable_rows_with_a_logged_count(tmp_path, caplog):
     extra = ("IM009991.JPG, , , 0", "IM009992.JPG, 2, 0, 0", "IM009993.JPG, , , 1")
     root = make_messidor2(tmp_path, extra_rows=extra)
