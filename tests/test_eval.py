@@ -72,7 +72,7 @@ def _read_predictions(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     columns = {k: [r[k] for r in rows] for k in rows[0]}
-    out = {k: np.array(v) for k, v in columns.items() if k in ("image", "source")}
+    out = {k: np.array(v) for k, v in columns.items() if k in ("image", "source", "patient")}
     for key, values in columns.items():
         if key not in out:
             out[key] = np.array([float(v) for v in values])

@@ -21,8 +21,8 @@ Written to the run directory (`paths.output_dir`):
   for the task, a single class for AUROC) is null. The prefix is the split's name (`val/...`).
 - Bootstrap 95 % intervals (`bootstrap.resamples` draws, seeded by `bootstrap.seed`, patients
   resampled where known) of every headline metric as `<key>_ci_low` / `<key>_ci_high`.
-- `predictions.csv`: one row per image (true and predicted grades, all probabilities), so every
-  number above can be re-computed independently.
+- `predictions.csv`: one row per image (patient id where known, true and predicted grades, all
+  probabilities), so every number above can be re-computed independently.
 - `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
 """
 
@@ -370,15 +370,15 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
 def write_predictions(
     path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
 ) -> None:
-    """predictions.csv: image, source, true/predicted grades and every probability."""
-    columns = ["image", "source", "dr_true", "dme_true", "dr_pred", "dme_pred"]
+    """predictions.csv: image, source, patient, true/predicted grades and every probability."""
+    columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for i, record in enumerate(records):
-            row = [str(record.image), record.source]
+            row = [str(record.image), record.source, record.patient]
             row += [int(targets["dr"][i]), int(targets["dme"][i])]
             row += [int(preds["dr"][i]), int(preds["dme"][i])]
             row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
