@@ -135,12 +135,18 @@ def _task_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _auroc(weights: np.ndarray, score: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Weighted AUROC per row of weights: P(score_pos > score_neg) + ½ P(tie)."""
-    levels, level = np.unique(score, return_inverse=True)
-    at_level = np.zeros((len(score), len(levels)))
-    at_level[np.arange(len(score)), level] = 1.0
-    pos = (weights * truth) @ at_level
-    neg = (weights * (1 - truth)) @ at_level
+    """Weighted AUROC per row of weights: P(score_pos > score_neg) + ½ P(tie).
+
+    Scores are sorted once and tied scores summed into one level (`np.add.reduceat`), so the
+    memory is (rows × images), not (images × levels).
+    """
+    order = np.argsort(score, kind="stable")
+    ranked, w, t = score[order], weights[:, order], truth[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if len(ranked) else []
+    if len(starts) == 0:
+        return np.full(weights.shape[0], np.nan)
+    pos = np.add.reduceat(w * t, starts, axis=1)
+    neg = np.add.reduceat(w * (1 - t), starts, axis=1)
     below = np.cumsum(neg, axis=1) - neg
     pairs = (pos * (below + 0.5 * neg)).sum(axis=1)
     return _divide(pairs, pos.sum(axis=1) * neg.sum(axis=1))
