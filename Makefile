@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-.PHONY: help install train test test-fast bench lint format tensorboard clean
+.PHONY: help install train ablate test test-fast bench lint format tensorboard clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ TRAIN_PRESET ?= experiment=quickstart
 
 train: $(STAMP) ## Fine-tune pretrained Lite0 on the synthetic set; Hydra overrides via ARGS="..."
 	$(BIN)/python src/train.py $(TRAIN_PRESET) $(ARGS)
+
+ablate: $(STAMP) ## Recipe ablation: arms x 3 seeds on the hard synthetic set (conf/ablate.yaml); ARGS="..."
+	$(BIN)/python src/ablate.py $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (slow tests included)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -72,7 +72,7 @@ def _read_predictions(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     columns = {k: [r[k] for r in rows] for k in rows[0]}
-    out = {k: np.array(v) for k, v in columns.items() if k in ("image", "source")}
+    out = {k: np.array(v) for k, v in columns.items() if k in ("image", "source", "patient")}
     for key, values in columns.items():
         if key not in out:
             out[key] = np.array([float(v) for v in values])
@@ -161,7 +161,9 @@ def _check_against_hand(
         if not full:
             continue
         truth = (y >= REFERABLE_FROM[task]).astype(int)
-        decision = (p >= REFERABLE_FROM[task]).astype(int)
+        # One definition of "referable" everywhere: P(referable) >= the operating threshold.
+        threshold = metrics[f"{prefix}/referable_{task}_threshold"]
+        decision = (probs[:, REFERABLE_FROM[task] :].sum(1) >= threshold).astype(int)
         pos, neg = int(truth.sum()), int((1 - truth).sum())
         sens = float((decision[truth == 1]).mean()) if pos else None
         spec = float((1 - decision[truth == 0]).mean()) if neg else None
@@ -197,7 +199,9 @@ def test_compute_metrics_partial_labels_and_sources():
     targets["dr"][rng.random(n) < 0.2] = -1
     sources = torch.tensor((np.arange(n) % 2).astype(int))
     targets["dme"][sources == 1] = -1  # e.g. APTOS: DR grades only
-    metrics = compute_metrics(probs, targets, sources, ["idrid", "aptos"], "test")
+    thresholds = {"dr": 0.3, "dme": 0.6}
+    metrics = compute_metrics(probs, targets, sources, ["idrid", "aptos"], "test", thresholds)
+    assert metrics["test/referable_dr_threshold"] == 0.3
     json.dumps(metrics)  # plain JSON values only (None, not NaN)
 
     def arrays(mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -235,6 +239,17 @@ def test_metrics_match_independent_computation(eval_cfg):
     assert returned["test/acc_dr"] == pytest.approx(metrics["test/acc_dr"])
 
     _check_against_hand(metrics, pred, "test")
+
+    # The checkpoint's validation operating point is the one eval applies and reports.
+    stored = torch.load(cfg.ckpt_path, weights_only=True)["visioncare_operating_points"]
+    assert metrics["test/referable_dr_threshold"] == pytest.approx(stored["dr"]["threshold"])
+    # Every headline metric has a bootstrap interval around its value.
+    for name in ("avg_acc", "joint_acc", "acc_dr", "f1_dme", "qwk_dr", "referable_dr_auroc"):
+        value, low, high = (metrics[f"test/{name}{s}"] for s in ("", "_ci_low", "_ci_high"))
+        if value is not None:
+            assert low <= value + 1e-9 and value - 1e-9 <= high, name
+    report = (run / "report.md").read_text()
+    assert f"{metrics['test/acc_dr']:.4f} [{metrics['test/acc_dr_ci_low']:.4f}, " in report
 
     assert (run / "report.md").read_text().count("|") > 20
     assert "test_efficientnet" in (run / "report.md").read_text()  # trained with model=tiny

@@ -86,8 +86,11 @@ def test_safetensors_reload_into_a_fresh_net(exported):
 
 
 def test_preprocessing_json(exported):
-    _, out, _ = exported
+    ckpt, out, _ = exported
     info = json.loads((out / "preprocessing.json").read_text())
+    # The validation operating point travels with the exported model (predict's referable_dr).
+    stored = torch.load(ckpt, weights_only=True)["visioncare_operating_points"]
+    assert info["operating_points"] == stored and "dr" in stored
     assert info["image_size"] == 64 and len(info["mean"]) == 3 and len(info["std"]) == 3
     assert info["preprocess"]["size"] == 72
     # The crop is recorded: which localisation algorithm, and in words what it does.

@@ -65,10 +65,18 @@ def make_eyepacs(
     *,
     image_dir: str | None = "train",
     test_dir: bool = True,
+    both_eyes: bool = False,
 ) -> Path:
-    """``trainLabels.csv`` (image,level), ``train/<n>_left.jpeg``; optionally the test split."""
+    """``trainLabels.csv`` (image,level), ``train/<n>_left.jpeg``; optionally the test split.
+
+    Training rows are one left eye per patient unless ``both_eyes`` (then patient by patient,
+    left then right), so the per-image expectations of the shared tests hold.
+    """
     folder = root / image_dir if image_dir else root
-    names = eye_names(10, len(grades))
+    if both_eyes:
+        names = eye_names(10, len(grades))
+    else:
+        names = [f"{10 + i}_left" for i in range(len(grades))]
     for name in names:
         write_image(folder / f"{name}.jpeg")
     rows = [f"{n},{g}" for n, g in zip(names, grades, strict=True)]
@@ -225,6 +233,65 @@ def test_eyepacs_custom_image_dir(tmp_path):
     assert all(r.image.parent.name == "train_512" and r.image.is_file() for r in records)
 
 
+def test_eyepacs_patients_never_span_splits(tmp_path, make_cfg):
+    """Both eyes of 20 patients (4 per DR grade): hold-out and validation keep pairs together."""
+    grades = [g for g in range(5) for _ in range(8)]  # patient p's eyes share grade p // 4
+    root = make_eyepacs(tmp_path / "eyepacs", grades, both_eyes=True)
+    splits = EyePACSSource(root).load()
+    record = next(r for r in splits["train"] + splits["test"] if r.key == "eyepacs/10_right")
+    assert (record.patient, record.laterality) == ("10", "R")
+    cfg = make_cfg("data=eyepacs", f"data.root={root}")
+    dm = instantiate(cfg.data)
+    dm.set_normalization({"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    dm.prepare_data()
+    patients = {s: {r.patient for r in rs} for s, rs in dm.splits.items()}
+    assert patients["train"] and patients["val"] and patients["test"]
+    assert not patients["train"] & patients["val"]
+    assert not patients["train"] & patients["test"]
+    assert not patients["val"] & patients["test"]
+    # 20 patients: 4 held out as test (0.2), then 3 of the other 16 for validation (0.2).
+    assert dm.sizes() == {"num_train": 26, "num_val": 6, "num_test": 8}
+    assert len({r.dr for r in dm.splits["test"]}) == 4  # stratified: 4 patients, 4 grades
+
+
+def test_csv_patient_and_laterality_columns(tmp_path):
+    names = [f"img_{i}.png" for i in range(8)]
+    for name in names:
+        write_image(tmp_path / name)
+    grades = [0, 1, 0, 1, 2, 3, 2, 3]  # patients P0, P1 worse eye 1; P2, P3 worse eye 3
+    rows = [f"{n},{grades[i]},0,P{i // 2},{('OS', 'od')[i % 2]}" for i, n in enumerate(names)]
+    write_csv(tmp_path / "labels.csv", "image,dr,dme,person,eye", rows)
+    source = CSVTableSource(
+        tmp_path, table="labels.csv", patient_column="person", laterality_column="eye",
+        test_fraction=0.25,
+    )  # fmt: skip
+    splits = source.load()
+    records = {r.key: r for rs in splits.values() for r in rs}
+    assert (records["csv/img_3.png"].patient, records["csv/img_3.png"].laterality) == ("P1", "R")
+    test_patients = {r.patient for r in splits["test"]}
+    assert len(test_patients) == 1 and len(splits["test"]) == 2  # round(4 * 0.25) = 1 patient
+    assert not test_patients & {r.patient for r in splits["train"]}
+
+
+def test_csv_split_column_separating_a_patient_is_an_error(tmp_path):
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.png")
+    write_csv(
+        tmp_path / "labels.csv",
+        "image,dr,dme,fold,person,eye",
+        ["a.png,0,0,train,P1,L", "b.png,1,0,test,P1,R", "c.png,2,0,test,P2,sideways"],
+    )
+    source = CSVTableSource(
+        tmp_path, table="labels.csv", split_column="fold", patient_column="person",
+        laterality_column="eye",
+    )  # fmt: skip
+    with pytest.raises(DataValidationError) as error:
+        source.load()
+    message = str(error.value)
+    assert "labels.csv, row 3: patient 'P1' is in 'test' here and in 'train' at row 2" in message
+    assert "row 4, column 'eye': laterality 'sideways'" in message
+
+
 # ----------------------------------------------------------------------------- Messidor-2
 def test_messidor2_png_and_upper_case_jpg_and_referable_dme(tmp_path):
     root = make_messidor2(tmp_path)
@@ -242,6 +309,23 @@ def test_messidor2_png_and_upper_case_jpg_and_referable_dme(tmp_path):
     assert sorted(r.dr for r in records.values()) == GRADES
     assert set(source.referable_dme) == set(records)
     assert all(source.referable_dme[k] == int(r.dr >= 3) for k, r in records.items())
+
+
+def test_messidor2_examination_pairs_share_a_patient(tmp_path):
+    """20 images = 10 examinations (2 per DR grade): the test hold-out takes whole pairs."""
+    grades = [g for g in range(5) for _ in range(4)]
+    root = make_messidor2(tmp_path, grades)
+    names = [messidor_name(i) for i in range(len(grades))]
+    rows = "left;right\n" + "".join(f"{names[i]};{names[i + 1]}\n" for i in range(0, 20, 2))
+    (root / "pairs.csv").write_text(rows)
+    splits = Messidor2Source(root, pairs_table="pairs.csv").load()
+    side = {r.key.split("/", 1)[1]: split for split, rs in splits.items() for r in rs}
+    patient = {r.key.split("/", 1)[1]: r.patient for rs in splits.values() for r in rs}
+    assert patient[names[2]] == patient[names[3]] == names[2]
+    assert len(splits["test"]) == 4  # round(10 examinations * 0.2) = 2, both images each
+    assert all(side[names[i]] == side[names[i + 1]] for i in range(0, 20, 2))
+    with pytest.raises(ConfigurationError, match=r"data\.pairs_table='nope\.csv'"):
+        Messidor2Source(root, pairs_table="nope.csv").load()
 
 
 def test_messidor2_skips_ungradable_rows_with_a_logged_count(tmp_path, caplog):

@@ -95,14 +95,15 @@ def test_render_rejects_bad_grades(dr, dme):
         render_fundus(dr, dme, 128, np.random.default_rng(0))
 
 
-def _scene(dr: int, dme: int, seed: int, size: int = 192):
-    return syn._render_scene(dr, dme, size, np.random.default_rng([seed, dr, dme]))
+def _scene(dr: int, dme: int, seed: int, size: int = 192, difficulty=None):
+    return syn._render_scene(dr, dme, size, np.random.default_rng([seed, dr, dme]), difficulty)
 
 
+@pytest.mark.parametrize("preset", sorted(syn.DIFFICULTY_PRESETS))
 @pytest.mark.parametrize("dr, dme", VALID_PAIRS)
-def test_lesions_follow_the_clinical_rules(dr, dme):
+def test_lesions_follow_the_clinical_rules(dr, dme, preset):
     for seed in range(3):
-        _, geom, _, lesions = _scene(dr, dme, seed)
+        _, geom, _, lesions = _scene(dr, dme, seed, difficulty=syn.DIFFICULTY_PRESETS[preset])
         kinds = Counter(les.kind for les in lesions)
         assert set(kinds) <= set(syn.LESION_KINDS)
         assert all(geom.visible(les.x, les.y) for les in lesions), "every lesion must be seen"
@@ -201,6 +202,73 @@ def test_lesions_stay_visible_after_resizing_to_224():
         x, y = round(ma.x * scale), round(ma.y * scale)
         darker = small0[y, x, :2].mean() - small[y, x, :2].mean()
         assert darker > 10, "a microaneurysm must stay visibly darker at 224 px"
+
+
+def test_harder_presets_draw_smaller_fainter_fewer_lesions():
+    """Same seed, same grade: the hard preset's lesions are smaller, fewer and less contrasted."""
+    hard = syn.DIFFICULTY_PRESETS["hard"]
+    counts = {"standard": 0, "hard": 0}
+    for seed in range(6):
+        *_, standard = _scene(3, 2, seed, 256)
+        *_, faint = _scene(3, 2, seed, 256, hard)
+        counts["standard"] += len(standard)
+        counts["hard"] += len(faint)
+        for kind in ("microaneurysm", "hard_exudate"):
+            big = np.mean([les.radius for les in standard if les.kind == kind])
+            small = np.mean([les.radius for les in faint if les.kind == kind])
+            assert small < 0.9 * big, kind
+    assert counts["hard"] < 0.85 * counts["standard"]
+
+    # Contrast of the lesions against the same eye without them (same seed, grade 0).
+    def lesion_contrast(difficulty) -> float:
+        diffs = []
+        for seed in range(4):
+            rng = [seed, 2, 0]
+            image, _, _, lesions = syn._render_scene(
+                2, 0, 256, np.random.default_rng(rng), difficulty
+            )
+            healthy = render_fundus(0, 0, 256, np.random.default_rng(rng), difficulty)
+            mask = _footprint(image.shape[:2], lesions, margin=0)
+            diffs.append(np.abs(image.astype(float) - healthy)[mask].mean())
+        return float(np.mean(diffs))
+
+    assert lesion_contrast(hard) < 0.75 * lesion_contrast(None)
+
+
+def test_grader_noise_moves_grades_to_neighbours_at_the_stated_rate():
+    grades = sample_grades(4000, 0)
+    noisy = syn._grader_labels(grades, 0.1, np.random.default_rng(0))
+    moved_dr = [(a[0], b[0]) for a, b in zip(grades, noisy, strict=True) if a[0] != b[0]]
+    assert all(abs(a - b) == 1 for a, b in moved_dr)
+    assert all(dme == 0 or dr >= 2 for dr, dme in noisy), "DME > 0 keeps DR >= 2"
+    # 10 % draw a move; moves off the scale (DR 0 down, 4 up) or breaking DME's rule are kept.
+    assert 0.06 < len(moved_dr) / len(grades) < 0.1
+    assert syn._grader_labels(grades, 0.0, np.random.default_rng(0)) == grades
+
+
+def test_hard_set_on_disk_records_its_difficulty_and_noisy_labels(tmp_path):
+    hard = syn.DIFFICULTY_PRESETS["hard"]
+    params = {**SMALL, "num_train": 40, "num_test": 2, "image_size": 64}
+    root = generate_synthetic_idrid(tmp_path / "ds", **params, difficulty=hard)
+    manifest = json.loads((root / SYNTHETIC_MANIFEST).read_text())
+    assert manifest["params"]["difficulty"]["label_noise"] == 0.1
+    written = [(int(r[1]), int(r[2])) for r in _read_csv(root / TRAIN_CSV)[1:]]
+    changed = sum(a != b for a, b in zip(written, sample_grades(40, 3), strict=True))
+    assert changed == manifest["relabelled_by_grader_noise"]["train"] > 0
+    before = (root / TRAIN_DIR / "IDRiD_001.jpg").read_bytes()
+    generate_synthetic_idrid(root, **params)  # standard again: rebuilt, labels clean
+    assert (root / TRAIN_DIR / "IDRiD_001.jpg").read_bytes() != before
+    assert "difficulty" not in json.loads((root / SYNTHETIC_MANIFEST).read_text())["params"]
+
+
+def test_unknown_difficulty_preset_names_the_key(tmp_path):
+    from visioncare.data.sources.synthetic import SyntheticSource
+    from visioncare.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"data\.difficulty='brutal'.*hard"):
+        SyntheticSource(tmp_path, difficulty="brutal")
+    with pytest.raises(ConfigurationError, match=r"data\.label_noise=0.9"):
+        SyntheticSource(tmp_path, difficulty="hard", label_noise=0.9)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,13 +11,18 @@ Written to the run directory (`paths.output_dir`):
   `test/qwk_{t}`, `test/per_class_acc_{t}_{k}` (recall of grade k; null for a grade absent from
   the labels), `test/num_{t}`, `test/confusion_{t}` (rows = true grade), `test/ece_{t}` (15-bin
   expected calibration error); `test/avg_acc`, `test/joint_acc`; referable DR (grade >= 2) and
-  referable DME (grade >= 1): `test/referable_{t}_sensitivity`, `_specificity` (the predicted
-  grade crossing the threshold, i.e. the same decision as `dr_pred`/`dme_pred`) and `_auroc` (from
-  P(referable) = the summed softmax of the referable grades). With several sources, the per-task
-  metrics again as `test/<source>/...`. A value that is undefined (no labels for the task, a
-  single class for AUROC) is null. The prefix is the split's name (`val/...` for `split=val`).
-- `predictions.csv`: one row per image (true and predicted grades, all probabilities), so every
-  number above can be re-computed independently.
+  referable DME (grade >= 1): `test/referable_{t}_sensitivity`, `_specificity` of the decision
+  P(referable) >= `test/referable_{t}_threshold` (the operating point chosen on validation and
+  stored in the checkpoint, see `visioncare.referral`; 0.5 for a checkpoint without one) and
+  `_auroc` (P(referable) = the summed softmax of the referable grades). With several sources, the
+  per-task metrics again as `test/<source>/...`. When records carry patient ids, the headline
+  metrics again per patient as `test/patient/...` (a patient's grade is the worse eye's; see
+  `visioncare.confidence`) with `test/patient/num_patients`. A value that is undefined (no labels
+  for the task, a single class for AUROC) is null. The prefix is the split's name (`val/...`).
+- Bootstrap 95 % intervals (`bootstrap.resamples` draws, seeded by `bootstrap.seed`, patients
+  resampled where known) of every headline metric as `<key>_ci_low` / `<key>_ci_high`.
+- `predictions.csv`: one row per image (patient id where known, true and predicted grades, all
+  probabilities), so every number above can be re-computed independently.
 - `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
 """
 
@@ -46,6 +51,14 @@ from torchmetrics.classification import (
 )
 
 from visioncare import IGNORE_INDEX, TASKS
+from visioncare.confidence import (
+    CI_METRICS,
+    Outcomes,
+    bootstrap_intervals,
+    outcomes_from_probs,
+    patient_outcomes,
+    point_metrics,
+)
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError, check_int_at_least
@@ -53,12 +66,11 @@ from visioncare.inference import InputSpec, input_spec, load_model
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.plots import plot_confusion_matrix, plot_roc
 from visioncare.prediction import resolve_device
+from visioncare.referral import REFERABLE_FROM, referable_score, referable_truth, threshold_for
 from visioncare.utils.checkpoints import resolve_ckpt_path
 
 log = logging.getLogger("visioncare")
 
-# The lowest grade that counts as "referable" (needs an ophthalmologist) per task.
-REFERABLE_FROM = {"dr": 2, "dme": 1}
 ECE_BINS = 15
 HEADLINE = ("avg_acc", "joint_acc", "acc_dr", "acc_dme", "f1_dr", "f1_dme", "qwk_dr", "qwk_dme")
 
@@ -104,8 +116,31 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     probs, targets, source_ids = predict(model, loader, device, tta=bool(cfg.get("tta", False)))
     records = datamodule.splits[split]
     names = datamodule.source_names
+    thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
+    if not model.operating_points:
+        log.warning(
+            "%s stores no operating point chosen on validation; referable decisions use "
+            "P(referable) >= %s",
+            ckpt_path,
+            thresholds["dr"],
+        )
 
-    metrics = compute_metrics(probs, targets, source_ids, names, split)
+    metrics = compute_metrics(probs, targets, source_ids, names, split, thresholds)
+    bootstrap = cfg.get("bootstrap") or {}
+    metrics.update(
+        uncertainty_metrics(
+            outcomes_from_probs(
+                {t: p.numpy() for t, p in probs.items()},
+                {t: v.numpy() for t, v in targets.items()},
+                thresholds,
+            ),
+            [r.group for r in records],
+            split,
+            resamples=int(bootstrap.get("resamples", 1000)),
+            seed=int(bootstrap.get("seed", 0)),
+            level=float(bootstrap.get("level", 0.95)),
+        )
+    )
     write_metrics_json(output_dir / "metrics.json", metrics)
     write_predictions(output_dir / "predictions.csv", records, probs, targets)
     plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
@@ -122,6 +157,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "input": f"{spec.image_size} px, cache {spec.preprocess.size} px, "
             f"crop_fundus={spec.preprocess.crop_fundus}",
             "tta": "identity + hflip + vflip" if cfg.get("tta") else "off",
+            "referable thresholds": ", ".join(
+                f"{t.upper()} P(>= {REFERABLE_FROM[t]}) >= {thresholds[t]:.4f}" for t in TASKS
+            )
+            + ("" if model.operating_points else " (no validation operating point stored)"),
+            "intervals": f"{bootstrap.get('level', 0.95):.0%} percentile bootstrap, "
+            f"{bootstrap.get('resamples', 1000)} resamples of "
+            + ("patients" if _has_patients(records) else "images"),
         },
         plots,
     )
@@ -202,14 +244,19 @@ def compute_metrics(
     source_ids: Tensor,
     source_names: list[str],
     split: str = "test",
+    thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """All metrics of the report, flat; None where undefined (see the module docstring)."""
+    """All per-image point metrics of the report, flat; None where undefined (module docstring).
+
+    ``thresholds``: task → operating threshold on P(referable) (default 0.5).
+    """
     out: dict[str, Any] = _task_metrics(probs, targets, split)
     for task, num_classes in TASKS.items():
         target, prob = targets[task], probs[task]
         labelled = target != IGNORE_INDEX
         prefix = f"{split}/referable_{task}"
-        out.update(_referable_metrics(prob, target, REFERABLE_FROM[task], prefix))
+        threshold = threshold_for(None, task) if thresholds is None else thresholds[task]
+        out.update(_referable_metrics(prob, target, task, threshold, prefix))
         ece = None
         if bool(labelled.any()):
             calibration = MulticlassCalibrationError(
@@ -254,15 +301,56 @@ def _task_metrics(
     return out
 
 
-def _referable_metrics(prob: Tensor, target: Tensor, threshold: int, prefix: str) -> dict:
-    """Sensitivity/specificity of "predicted grade >= threshold"; AUROC of P(grade >= threshold)."""
+def uncertainty_metrics(
+    outcomes: Outcomes,
+    patients: list[str],
+    split: str,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Bootstrap intervals of the headline metrics; per-patient metrics where patients are known.
+
+    ``patients``: each image's patient (`Record.group`: the image itself where unknown).
+    """
+    known = _shares_patients(patients)
+    units = patients if known else None
+    out: dict[str, Any] = {}
+    for name, (low, high) in bootstrap_intervals(outcomes, units, resamples, seed, level).items():
+        out[f"{split}/{name}_ci_low"], out[f"{split}/{name}_ci_high"] = low, high
+    if known:
+        per_patient, ids = patient_outcomes(outcomes, units)
+        prefix = f"{split}/patient"
+        out[f"{prefix}/num_patients"] = len(ids)
+        for name, value in point_metrics(per_patient).items():
+            out[f"{prefix}/{name}"] = value
+        intervals = bootstrap_intervals(per_patient, None, resamples, seed, level)
+        for name, (low, high) in intervals.items():
+            out[f"{prefix}/{name}_ci_low"], out[f"{prefix}/{name}_ci_high"] = low, high
+    return out
+
+
+def _shares_patients(patients: list[str]) -> bool:
+    """Whether some images share a patient (otherwise per-patient equals per-image)."""
+    return len(set(patients)) < len(patients)
+
+
+def _has_patients(records: list) -> bool:
+    return _shares_patients([r.group for r in records])
+
+
+def _referable_metrics(
+    prob: Tensor, target: Tensor, task: str, threshold: float, prefix: str
+) -> dict:
+    """Sensitivity/specificity of P(referable) >= threshold; AUROC of P(referable)."""
     labelled = target != IGNORE_INDEX
     out: dict[str, Any] = {f"{prefix}_{m}": None for m in ("sensitivity", "specificity", "auroc")}
+    out[f"{prefix}_threshold"] = threshold
     if not bool(labelled.any()):
         return out
-    truth = (target[labelled] >= threshold).long()
-    score = prob[labelled][:, threshold:].sum(dim=1)
-    decision = (prob[labelled].argmax(dim=1) >= threshold).long()
+    truth = referable_truth(target[labelled], task)
+    score = referable_score(prob[labelled], task)
+    decision = (score >= threshold).long()
     positives, negatives = int(truth.sum()), int((1 - truth).sum())
     if positives:
         out[f"{prefix}_sensitivity"] = float(BinaryRecall()(decision, truth))
@@ -285,15 +373,15 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
 def write_predictions(
     path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
 ) -> None:
-    """predictions.csv: image, source, true/predicted grades and every probability."""
-    columns = ["image", "source", "dr_true", "dme_true", "dr_pred", "dme_pred"]
+    """predictions.csv: image, source, patient, true/predicted grades and every probability."""
+    columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for i, record in enumerate(records):
-            row = [str(record.image), record.source]
+            row = [str(record.image), record.source, record.patient]
             row += [int(targets["dr"][i]), int(targets["dme"][i])]
             row += [int(preds["dr"][i]), int(preds["dme"][i])]
             row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
@@ -334,6 +422,13 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def _fmt_ci(metrics: dict[str, Any], key: str) -> str:
+    """`value [low, high]` where the metric has a bootstrap interval, else the value alone."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    shown = _fmt(metrics.get(key))
+    return shown if low is None or high is None else f"{shown} [{low:.4f}, {high:.4f}]"
+
+
 def write_report(
     path: Path, metrics: dict[str, Any], split: str, facts: dict[str, str], plots: list[Path]
 ) -> None:
@@ -342,23 +437,26 @@ def write_report(
     lines += [
         f"- **{k}**: `{v}`" if k == "checkpoint" else f"- **{k}**: {v}" for k, v in facts.items()
     ]
-    lines += ["", "## Overall", "", "| metric | value |", "|---|---:|"]
+    header = ["| metric | value [95 % CI] |", "|---|---:|"]
+    lines += ["", "## Overall", "", *header]
     for name in ("avg_acc", "joint_acc"):
-        lines.append(f"| {name} | {_fmt(metrics.get(f'{split}/{name}'))} |")
+        lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/{name}')} |")
     for task, num_classes in TASKS.items():
-        lines += ["", f"## {task.upper()}", "", "| metric | value |", "|---|---:|"]
+        lines += ["", f"## {task.upper()}", "", *header]
         names = ["acc", "f1", "qwk", "ece", "num"]
         names += [f"per_class_acc_{task}_{k}" for k in range(num_classes)]
         for name in names:
             key = f"{split}/{name}" if name.startswith("per_class") else f"{split}/{name}_{task}"
             value = metrics.get(key)
-            shown = str(int(value)) if name == "num" and value is not None else _fmt(value)
+            shown = (
+                str(int(value)) if name == "num" and value is not None else _fmt_ci(metrics, key)
+            )
             lines.append(f"| {key.split('/', 1)[1]} | {shown} |")
+        threshold = metrics.get(f"{split}/referable_{task}_threshold")
+        lines.append(f"| referable (>= {REFERABLE_FROM[task]}) threshold | {_fmt(threshold)} |")
         for m in ("sensitivity", "specificity", "auroc"):
             key = f"{split}/referable_{task}_{m}"
-            lines.append(
-                f"| referable (>= {REFERABLE_FROM[task]}) {m} | {_fmt(metrics.get(key))} |"
-            )
+            lines.append(f"| referable (>= {REFERABLE_FROM[task]}) {m} | {_fmt_ci(metrics, key)} |")
         matrix = metrics.get(f"{split}/confusion_{task}")
         if matrix is not None:
             lines += ["", "Confusion matrix (rows = true grade, columns = predicted):", ""]
@@ -368,7 +466,15 @@ def write_report(
             lines.append("|---" * (num_classes + 1) + "|")
             for k, row in enumerate(matrix):
                 lines.append(f"| {k} | " + " | ".join(str(int(v)) for v in row) + " |")
-    per_source = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2})
+    patients = metrics.get(f"{split}/patient/num_patients")
+    if patients is not None:
+        lines += ["", f"## Per patient ({patients} patients; a patient's grade is the worse eye's)"]
+        lines += ["", *header]
+        for name in CI_METRICS:
+            lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/patient/{name}')} |")
+    per_source = sorted(
+        {k.split("/")[1] for k in metrics if k.count("/") == 2 and k.split("/")[1] != "patient"}
+    )
     if per_source:
         lines += ["", "## Per source", "", "| source | " + " | ".join(HEADLINE) + " |"]
         lines.append("|---" * (len(HEADLINE) + 1) + "|")
@@ -385,8 +491,16 @@ def print_table(metrics: dict[str, Any], split: str, console: Console | None = N
     table = Table(title=f"VisionCare — {split} evaluation")
     table.add_column("metric")
     table.add_column(split, justify="right")
+    table.add_column("95 % CI", justify="right")
     keys = [*HEADLINE, "ece_dr", "ece_dme"]
-    keys += [f"referable_{t}_{m}" for t in TASKS for m in ("sensitivity", "specificity", "auroc")]
+    keys += [
+        f"referable_{t}_{m}"
+        for t in TASKS
+        for m in ("threshold", "sensitivity", "specificity", "auroc")
+    ]
     for name in keys:
-        table.add_row(name, _fmt(metrics.get(f"{split}/{name}")))
+        key = f"{split}/{name}"
+        low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        interval = "" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
+        table.add_row(name, _fmt(metrics.get(key)), interval)
     (console or Console()).print(table)

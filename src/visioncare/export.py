@@ -165,6 +165,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
     save_weights(net, out_dir / "model.safetensors", {"backbone": backbone, "format": "pt"})
     info = preprocessing_spec(spec, backbone)
+    # The referral thresholds chosen on validation travel with the model they were chosen for.
+    info["operating_points"] = model.operating_points
     (out_dir / "preprocessing.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("Exported to %s", out_dir)
     return {"output_dir": str(out_dir), "onnx_max_abs_diff": worst}

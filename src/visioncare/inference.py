@@ -27,6 +27,7 @@ from visioncare.data.quality import QualityThresholds
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
 from visioncare.models.module import VisionCareModule
+from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
 from visioncare.utils.checkpoints import check_visioncare_checkpoint
 
 log = logging.getLogger("visioncare")
@@ -92,6 +93,7 @@ def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[VisionCareMo
     model = VisionCareModule(**hparams, loss=loss)
     model.load_state_dict(checkpoint["state_dict"])
     model.run_config = config
+    model.operating_points = checkpoint.get(OPERATING_POINTS_KEY)
     return model.eval().to(device), config
 
 
@@ -152,6 +154,8 @@ class OnnxNet:
             index = int(device.split(":")[1]) if ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         self.session = ort.InferenceSession(str(path), providers=providers)
+        # The referable thresholds from preprocessing.json (`visioncare.referral`), or None.
+        self.operating_points: dict[str, Any] | None = None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{task}_logits" for task in TASKS]
         found = [output.name for output in self.session.get_outputs()]
@@ -206,4 +210,7 @@ def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec
         raise ConfigurationError(
             f"onnxruntime could not load {model_path}: {error}. Re-run `python src/export.py`."
         ) from None
+    # The referable thresholds chosen on validation travel in the same file (None: not stored).
+    info = json.loads(model_path.with_name("preprocessing.json").read_text())
+    net.operating_points = info.get("operating_points")
     return net, spec

@@ -37,11 +37,9 @@ from visioncare.inference import (
     load_model,
     load_onnx,
 )
+from visioncare.referral import DEFAULT_THRESHOLD, referable_score, threshold_for
 
 log = logging.getLogger("visioncare")
-
-REFERABLE_DR_GRADE = 2  # ICDR moderate NPDR or worse: the usual referral threshold
-REFERABLE_THRESHOLD = 0.5
 
 
 def csv_columns() -> list[str]:
@@ -107,7 +105,9 @@ def _rows(
     probs: dict[str, Tensor],
     errors: Sequence[str],
     qualities: Sequence[str],
+    threshold: float,
 ) -> Iterator[dict[str, Any]]:
+    referable = referable_score(probs["dr"], "dr")
     for i, path in enumerate(paths):
         row: dict[str, Any] = dict.fromkeys(csv_columns(), "")
         row["image"] = str(path)
@@ -118,8 +118,7 @@ def _rows(
                 row[f"{task}_grade"] = int(p[i].argmax())
                 for k, value in enumerate(p[i].tolist()):
                     row[f"{task}_prob_{k}"] = f"{value:.6f}"
-            referable = float(probs["dr"][i, REFERABLE_DR_GRADE:].sum())
-            row["referable_dr"] = int(referable >= REFERABLE_THRESHOLD)
+            row["referable_dr"] = int(float(referable[i]) >= threshold)
         yield row
 
 
@@ -164,13 +163,17 @@ def write_predictions(
     probs: dict[str, Tensor],
     errors: Sequence[str],
     qualities: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> None:
-    """The prediction CSV (columns: `csv_columns()`)."""
+    """The prediction CSV (columns: `csv_columns()`).
+
+    ``referable_dr`` is P(DR >= 2) >= ``threshold`` (the checkpoint's validation operating point).
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns())
         writer.writeheader()
-        writer.writerows(_rows(paths, probs, errors, qualities))
+        writer.writerows(_rows(paths, probs, errors, qualities, threshold))
 
 
 # --------------------------------------------------------------------------- Grad-CAM
@@ -321,7 +324,10 @@ def _resolve_output(path: str, output_dir: Path) -> Path:
 def load_predictor(
     ckpt_path: str, device: torch.device, explain: bool = False
 ) -> tuple[Callable[[Tensor], dict[str, Tensor]], InputSpec]:
-    """The model and its input spec from a checkpoint (.ckpt) or an exported `model.onnx`."""
+    """The model and its input spec from a checkpoint (.ckpt) or an exported `model.onnx`.
+
+    Both carry ``operating_points`` (the referable thresholds chosen on validation, or None).
+    """
     if Path(ckpt_path).suffix.lower() == ".onnx":
         if explain:
             raise ConfigurationError(
@@ -353,7 +359,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         model, spec, paths, int(cfg.batch_size), int(cfg.num_workers), device, thresholds
     )
     output = _resolve_output(str(cfg.output), output_dir)
-    write_predictions(output, paths, probs, errors, qualities)
+    points = getattr(model, "operating_points", None)
+    threshold = threshold_for(points, "dr")
+    if points:
+        log.info("referable_dr: P(DR >= 2) >= %.4f (chosen on validation)", threshold)
+    else:
+        log.warning(
+            "%s stores no operating point chosen on validation: referable_dr uses P(DR >= 2) >= %s",
+            cfg.ckpt_path,
+            threshold,
+        )
+    write_predictions(output, paths, probs, errors, qualities, threshold)
     doubtful = sum(q not in ("", "ok") for q in qualities)
     if doubtful:
         log.warning(

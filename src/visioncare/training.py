@@ -21,12 +21,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
+from visioncare.evaluation import predict as predict_probabilities
 from visioncare.inference import input_spec, load_model
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.prediction import gradcam_examples
+from visioncare.referral import operating_points, store_operating_points
 from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
 from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
@@ -81,6 +84,37 @@ def log_gradcam_to_tensorboard(
             for path in written:
                 image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
                 logger.experiment.add_image(f"gradcam/{path.stem}", image, dataformats="HWC")
+
+
+def choose_operating_points(
+    model: Any, datamodule: Any, ckpt_path: str, target_sensitivity: float
+) -> None:
+    """Pick the referable thresholds on the whole validation split; store them in ``ckpt_path``.
+
+    ``model`` holds the best weights. The whole split is read here (not this rank's share), so
+    the threshold is the same whatever the number of processes.
+    """
+    dataset = datamodule.datasets.get("val")
+    if dataset is None or len(dataset) == 0:
+        log.warning("No validation images: referable decisions will use P(referable) >= 0.5")
+        return
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
+    was_training = model.training
+    probs, targets, _ = predict_probabilities(model.eval(), loader, model.device)
+    model.train(was_training)
+    points = operating_points(probs, targets, target_sensitivity)
+    model.operating_points = points
+    store_operating_points(ckpt_path, points)
+    for task, point in points.items():
+        log.info(
+            "Referable %s operating point: P(referable) >= %.4f (validation sensitivity %.3f, "
+            "specificity %s, target %.2f)",
+            task.upper(),
+            point["threshold"],
+            point["val_sensitivity"],
+            "n/a" if point["val_specificity"] is None else f"{point['val_specificity']:.3f}",
+            target_sensitivity,
+        )
 
 
 def refuse_multirun_ddp(cfg: DictConfig) -> None:
@@ -184,11 +218,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not best_path:
         log.warning("No best checkpoint was selected; evaluating the current weights")
     test_metrics: dict[str, float] = {}
-    if cfg.get("test", True):
-        # Re-validate the best weights for their confusion matrices, then test exactly once.
-        if best_path:
-            load_best_weights(trainer, model, best_path)
+    if best_path:
+        load_best_weights(trainer, model, best_path)
+    if best_path or cfg.get("test", True):
+        # Re-validate the best weights (their confusion matrices; they are now in `model`).
         trainer.validate(model, datamodule, verbose=False)
+    if best_path and trainer.is_global_zero:
+        target = float(cfg.get("target_sensitivity", 0.85))
+        choose_operating_points(model, datamodule, best_path, target)
+    if cfg.get("test", True):
+        # Test exactly once.
         results = trainer.test(model, datamodule)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ class Record:
         dme: DME grade 0-2, or -1 when not graded.
         source: dataset name (e.g. ``idrid``), for per-source metrics.
         key: stable unique id, split included (IDRiD train and test images share file names).
+        patient: id of the person photographed, unique within the source ("" = unknown: the
+            image is treated as its own patient). Splits never separate a patient's images.
+        laterality: ``L`` or ``R`` where known, else "".
     """
 
     image: Path
@@ -27,30 +31,47 @@ class Record:
     dme: int
     source: str
     key: str
+    patient: str = ""
+    laterality: str = ""
+
+    @property
+    def group(self) -> str:
+        """What splits and per-patient metrics keep together: the patient, or the image."""
+        return f"{self.source}/patient:{self.patient}" if self.patient else self.key
 
 
 def stratified_split(
     records: Sequence[Record], fraction: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
-    """Split off ``fraction`` of the records, stratified on the joint (DR, DME) label.
+    """Split off ``fraction`` of the patients, stratified on their joint (DR, DME) label.
 
-    Deterministic for a seed and independent of the input order (records are sorted by key), so
-    the same images form the validation set in every run. The validation size is
-    ``round(len(records) * fraction)``, shared among the joint classes by largest remainder; a
-    class never gives away its last image.
+    Grouped by patient (`Record.group`): all images of a patient land on the same side, so a
+    patient's second eye never validates (or tests) a model trained on the first. A patient's
+    label is the worse eye's (max DR, max DME), the clinical rule. Records without a patient id
+    are their own group, which makes this the plain per-image stratified split.
+
+    Deterministic for a seed and independent of the input order (groups are sorted by id), so
+    the same patients form the held-out set in every run. The held-out size is
+    ``round(groups * fraction)`` groups, shared among the joint classes by largest remainder; a
+    class never gives away its last group.
 
     Returns:
-        (train, val)
+        (train, held_out)
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {fraction}")
-    by_label: dict[tuple[int, int], list[Record]] = defaultdict(list)
+    groups: dict[str, list[Record]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.key):
-        by_label[(record.dr, record.dme)].append(record)
+        groups[record.group].append(record)
+    by_label: dict[tuple[int, int], list[list[Record]]] = defaultdict(list)
+    for group_id in sorted(groups):
+        members = groups[group_id]
+        label = (max(r.dr for r in members), max(r.dme for r in members))
+        by_label[label].append(members)
     labels = sorted(by_label)
     quotas = [len(by_label[label]) * fraction for label in labels]
     counts = [int(q) for q in quotas]
-    remaining = round(len(records) * fraction) - sum(counts)
+    remaining = round(len(groups) * fraction) - sum(counts)
     for i in sorted(range(len(labels)), key=lambda i: (counts[i] - quotas[i], i)):
         if remaining <= 0:
             break
@@ -58,11 +79,30 @@ def stratified_split(
             counts[i] += 1
             remaining -= 1
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label, n_val in zip(labels, counts, strict=True):
-        group = by_label[label]
-        n_val = min(n_val, len(group) - 1)
-        order = rng.permutation(len(group))
-        val.extend(group[i] for i in order[:n_val])
-        train.extend(group[i] for i in order[n_val:])
-    return sorted(train, key=lambda r: r.key), sorted(val, key=lambda r: r.key)
+    train: list[Record] = []
+    held_out: list[Record] = []
+    for label, n_out in zip(labels, counts, strict=True):
+        members = by_label[label]
+        n_out = min(n_out, len(members) - 1)
+        order = rng.permutation(len(members))
+        for i in order[:n_out]:
+            held_out.extend(members[i])
+        for i in order[n_out:]:
+            train.extend(members[i])
+    return sorted(train, key=lambda r: r.key), sorted(held_out, key=lambda r: r.key)
+
+
+_EYE_NAME = re.compile(r"^(?P<patient>.+?)[_\-. ](?P<eye>left|right|od|os)$", re.IGNORECASE)
+_LATERALITY = {"left": "L", "os": "L", "right": "R", "od": "R"}
+
+
+def patient_from_name(stem: str) -> tuple[str, str]:
+    """(patient id, laterality) from a file stem such as EyePACS' ``10_left``; ("", "") if none.
+
+    Recognises a trailing ``left``/``right`` or ``OD``/``OS`` after ``_``, ``-``, ``.`` or a
+    space (any case): ``10_left`` → ("10", "L"), ``p7-OD`` → ("p7", "R").
+    """
+    match = _EYE_NAME.match(stem)
+    if match is None:
+        return "", ""
+    return match["patient"], _LATERALITY[match["eye"].lower()]

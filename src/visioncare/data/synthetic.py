@@ -27,6 +27,14 @@ streams (anatomy, appearance, lesions, camera noise), so the same seed rendered 
 gives the same eye, colours, illumination and noise and differs only where lesions are drawn.
 Lesion sizes are relative to the image size so they survive resizing to 224 px (a
 microaneurysm keeps a radius of >= 1.1 px there).
+
+Difficulty (`Difficulty`, presets in `DIFFICULTY_PRESETS`, `data.difficulty`): the ``standard``
+set is easy for a pretrained network (val accuracy near 0.97), so recipe arms cannot differ on
+it. Harder presets draw smaller, fainter lesions, fewer of them (counts pulled towards each
+grade's minimum, i.e. close to the boundary with the grade below), vary the camera more, and may
+add grader label noise: at a stated rate a written grade moves to a neighbouring grade (real
+graders disagree, kappa 0.7-0.8 on DR). The pixels still follow the clinical rules above for
+the rendered grades; only the written labels carry the noise.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +60,11 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "DIFFICULTY_PRESETS",
     "IDRID_TRAIN_COUNTS_DME",
     "IDRID_TRAIN_COUNTS_DR",
     "SYNTHETIC_MANIFEST",
+    "Difficulty",
     "generate_synthetic_idrid",
     "render_fundus",
     "sample_grades",
@@ -82,6 +92,91 @@ _SPLIT_CSV_NAMES = (
 _CSV_HEADER = "Image name,Retinopathy grade,Risk of macular edema "
 _JPEG_QUALITY = 95
 _MIN_IMAGE_SIZE = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Difficulty
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the rendered set is to grade (the standard values reproduce version 1 exactly).
+
+    Attributes:
+        lesion_scale: multiplier on the radius of dots, blots, exudates and cotton-wool spots.
+        lesion_opacity: 1 = lesions drawn at full strength; lower = fainter (blended back
+            towards the lesion-free retina).
+        sparsity: 0 = lesion counts drawn from each grade's full range; 1 = always the
+            grade's minimum (e.g. 5 haemorrhages per quadrant for severe NPDR).
+        camera: spread of the camera's exposure, colour gains, contrast, gamma, blur, noise
+            and illumination gradient, relative to the standard ranges.
+        label_noise: share of written grades moved to a neighbouring grade (per task).
+    """
+
+    lesion_scale: float = 1.0
+    lesion_opacity: float = 1.0
+    sparsity: float = 0.0
+    camera: float = 1.0
+    label_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lesion_scale": 0.3 <= self.lesion_scale <= 1.0,
+            "lesion_opacity": 0.1 <= self.lesion_opacity <= 1.0,
+            "sparsity": 0.0 <= self.sparsity <= 1.0,
+            "camera": 0.0 <= self.camera <= 3.0,
+            "label_noise": 0.0 <= self.label_noise <= 0.5,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "difficulty values out of range: "
+                + ", ".join(f"{b}={getattr(self, b)}" for b in bad)
+                + " (lesion_scale 0.3-1, lesion_opacity 0.1-1, sparsity 0-1, camera 0-3, "
+                "label_noise 0-0.5)"
+            )
+
+    @property
+    def is_standard(self) -> bool:
+        return self == Difficulty()
+
+
+DIFFICULTY_PRESETS: dict[str, Difficulty] = {
+    "standard": Difficulty(),
+    # Subtle lesions near the grade boundaries, a wider camera range, no label noise.
+    "moderate": Difficulty(lesion_scale=0.8, lesion_opacity=0.7, sparsity=0.6, camera=1.5),
+    # As moderate but fainter still, and 10 % of grades moved to a neighbour by the "grader".
+    "hard": Difficulty(
+        lesion_scale=0.75, lesion_opacity=0.55, sparsity=0.8, camera=1.8, label_noise=0.1
+    ),
+}
+
+
+def _count(rng: np.random.Generator, low: int, high: int, sparsity: float) -> int:
+    """An integer in [low, high), the range shrunk towards ``low`` by ``sparsity``."""
+    top = high if sparsity == 0 else low + max(1, round((high - low) * (1 - sparsity)))
+    return int(rng.integers(low, top))
+
+
+def _grader_labels(
+    grades: Sequence[tuple[int, int]], rate: float, rng: np.random.Generator
+) -> list[tuple[int, int]]:
+    """The grades a noisy grader writes: each task's grade moves to a neighbour at ``rate``.
+
+    Moves stay on the scales, and DME > 0 keeps DR >= 2 (the labelling rule of IDRiD).
+    """
+    out = []
+    for dr, dme in grades:
+        if rng.random() < rate:
+            moved = dr + int(rng.choice([-1, 1]))
+            if 0 <= moved <= 4 and not (dme > 0 and moved < 2):
+                dr = moved
+        if dr >= 2 and rng.random() < rate:
+            moved = dme + int(rng.choice([-1, 1]))
+            dme = moved if 0 <= moved <= 2 else dme
+        out.append((dr, dme))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +608,7 @@ def _haemorrhage(
 
 
 def _plan_exudates(
-    placer: _Placer, rng: np.random.Generator, dme_grade: int, avoid: list
+    placer: _Placer, rng: np.random.Generator, dme_grade: int, avoid: list, sparsity: float = 0.0
 ) -> list[_Lesion]:
     """Hard exudate spots (one lesion per spot) obeying the DME distance rule.
 
@@ -548,21 +643,21 @@ def _plan_exudates(
     if dme_grade == 2:
         centre = placer.sample(0.0, near=(g.fovea, 0.0, 0.6 * dd), disc_clearance_dd=1.0)
         centre = centre or g.fovea
-        add_cluster(centre, rng.uniform(0.15, 0.35) * dd, int(rng.integers(5, 14)), far=False)
+        add_cluster(centre, rng.uniform(0.15, 0.35) * dd, _count(rng, 5, 14, sparsity), far=False)
         if not any(g.dist_dd(s.x, s.y, g.fovea) <= 0.85 for s in spots):
             a = rng.uniform(0, 2 * math.pi)
             d = rng.uniform(0.1, 0.6) * dd
             r = rng.uniform(0.006, 0.009) * g.size
             spots.append(spot(g.fovea[0] + d * math.cos(a), g.fovea[1] + d * math.sin(a), r))
-        extra_clusters = int(rng.integers(0, 3))
+        extra_clusters = _count(rng, 0, 3, sparsity)
     else:
-        extra_clusters = int(rng.integers(1, 4))
+        extra_clusters = _count(rng, 1, 4, sparsity)
     for _ in range(extra_clusters):
         centre = placer.sample(
             0.3 * dd, fovea_clearance_dd=1.5, avoid_vessels=False, near=(g.fovea, 0, 4.5 * dd)
         )
         if centre is not None:
-            add_cluster(centre, rng.uniform(0.1, 0.3) * dd, int(rng.integers(3, 12)), far=True)
+            add_cluster(centre, rng.uniform(0.1, 0.3) * dd, _count(rng, 3, 12, sparsity), far=True)
     if dme_grade == 1 and not spots:  # guarantee at least one far exudate
         for _ in range(50):
             pos = placer.sample(0.01 * g.size, fovea_clearance_dd=1.3, avoid_vessels=False)
@@ -711,20 +806,58 @@ def _plan_lesions(
     geom: _Geometry,
     vessels: Sequence[_Vessel],
     rng: np.random.Generator,
+    difficulty: Difficulty | None = None,
 ) -> list[_Lesion]:
     """Every lesion to draw for the grades; the labels follow from this list alone.
 
     Hard exudates are planned first and the large lesions keep clear of them, so nothing
-    hides the exudates that decide the DME grade.
+    hides the exudates that decide the DME grade. ``difficulty`` shrinks the lesion counts
+    towards each grade's minimum and the small lesions' radii (`Difficulty`).
     """
     _check_grades(dr_grade, dme_grade)
     if dr_grade == 0:
         return []
+    difficulty = difficulty or Difficulty()
+    lesions = _plan_lesions_at(dr_grade, dme_grade, geom, vessels, rng, difficulty.sparsity)
+    if difficulty.lesion_scale != 1.0:
+        lesions = [_scaled(les, difficulty.lesion_scale) for les in lesions]
+    return lesions
+
+
+_SCALABLE = ("microaneurysm", "haemorrhage", "hard_exudate", "cotton_wool_spot")
+
+
+def _scaled(les: _Lesion, scale: float) -> _Lesion:
+    """A small lesion drawn ``scale`` times its planned size, at the same centre.
+
+    Shrinking keeps every rule: centres do not move, and a smaller exudate's edge only moves
+    away from the fovea (DME 1 stays beyond 1 DD; DME 2 is decided by a centre within 0.85 DD).
+    """
+    if les.kind not in _SCALABLE:
+        return les
+    params = dict(les.params)
+    if "parts" in params:
+        params["parts"] = [
+            (px * scale, py * scale, a * scale, b * scale, ang)
+            for px, py, a, b, ang in params["parts"]
+        ]
+    return _Lesion(les.kind, les.x, les.y, les.radius * scale, params)
+
+
+def _plan_lesions_at(
+    dr_grade: int,
+    dme_grade: int,
+    geom: _Geometry,
+    vessels: Sequence[_Vessel],
+    rng: np.random.Generator,
+    sparsity: float,
+) -> list[_Lesion]:
+    """`_plan_lesions` at planned size; ``sparsity`` pulls the counts towards the minimum."""
     placer = _Placer(geom, vessels, rng)
     lesions: list[_Lesion] = []
     avoid: list[tuple[float, float, float]] = []
     if dme_grade > 0:
-        lesions += _plan_exudates(placer, rng, dme_grade, avoid)
+        lesions += _plan_exudates(placer, rng, dme_grade, avoid, sparsity)
     if dr_grade == 4:
         kinds = [("nv",), ("prh",), ("nv", "prh")][int(rng.choice(3, p=[0.45, 0.2, 0.35]))]
         proliferative: list[_Lesion] = []
@@ -745,10 +878,11 @@ def _plan_lesions(
     if dr_grade >= 3:
         lesions += _plan_beading(geom, vessels, rng)
         for quadrant in range(4):  # 4-2-1 rule: many haemorrhages in all four quadrants
-            n = int(rng.integers(5, 9))
+            n = _count(rng, 5, 9, sparsity)
             lesions += _place(n, lambda q=quadrant: _haemorrhage(placer, rng, q, avoid))
     elif dr_grade == 2:  # a few: never enough for the 4-2-1 rule
-        lesions += _place(int(rng.integers(3, 9)), lambda: _haemorrhage(placer, rng, None, avoid))
+        n = _count(rng, 3, 9, sparsity)
+        lesions += _place(n, lambda: _haemorrhage(placer, rng, None, avoid))
     if dr_grade >= 2 and rng.random() < (0.4 if dr_grade == 2 else 0.6):
         for _ in range(int(rng.integers(1, 4 if dr_grade == 2 else 6))):
             r = rng.uniform(0.02, 0.035) * geom.size
@@ -781,7 +915,7 @@ def _plan_lesions(
         pos = pos or placer.sample(r, avoid=avoid)
         return None if pos is None else _Lesion("microaneurysm", pos[0], pos[1], r)
 
-    lesions += _place(int(rng.integers(*n_ma)), microaneurysm)
+    lesions += _place(_count(rng, *n_ma, sparsity), microaneurysm)
     return lesions
 
 
@@ -972,8 +1106,11 @@ def _draw(
     lesions: Sequence[_Lesion],
     app_rng: np.random.Generator,
     noise_rng: np.random.Generator,
+    difficulty: Difficulty | None = None,
 ) -> np.ndarray:
     """Render albedo (retina, disc, vessels, lesions), then illumination and camera effects.
+
+    ``difficulty`` fades the lesions and widens the camera's ranges around their centres.
 
     All randomness of the global look comes from ``app_rng`` and ``noise_rng``, never from the
     lesion stream, and no global step looks at the pixels (e.g. the contrast pivot is a fixed
@@ -985,6 +1122,15 @@ def _draw(
     dd = geom.disc_diameter
     cx, cy = geom.centre
     f32 = np.float32
+    difficulty = difficulty or Difficulty()
+    spread = difficulty.camera
+
+    def camera(low: float, high: float, floor: float = 0.0) -> float:
+        """A camera setting from [low, high], that range widened by ``spread`` about its middle."""
+        if spread == 1.0:
+            return float(app_rng.uniform(low, high))
+        mid, half = (low + high) / 2, spread * (high - low) / 2
+        return max(floor, float(app_rng.uniform(mid - half, mid + half)))
 
     # Retina albedo: orange-red with choroidal mottling.
     base = np.array(
@@ -1057,33 +1203,36 @@ def _draw(
     # Lesions: large ones first so small lesions stay on top (sorted() is stable).
     order = {"preretinal_haemorrhage": 0, "neovascularisation": 1, "haemorrhage": 2}
     order["hard_exudate"] = 4  # last: the DME sign must never be covered
+    clean = img.copy() if difficulty.lesion_opacity < 1.0 and lesions else None
     for les in sorted(lesions, key=lambda les: order.get(les.kind, 3)):
         _draw_lesion(img, les, base, size)
+    if clean is not None:  # fainter lesions: blend back towards the lesion-free retina
+        cv2.addWeighted(
+            img, difficulty.lesion_opacity, clean, 1.0 - difficulty.lesion_opacity, 0.0, dst=img
+        )
 
     # Illumination (vignetting, uneven linear gradient) and field of view, in one (S, S) map.
     xs = (np.arange(size, dtype=f32)[None, :] - f32(cx)) / f32(geom.radius)
     ys = (np.arange(size, dtype=f32)[:, None] - f32(cy)) / f32(geom.radius)
     r = np.sqrt(xs * xs + ys * ys)
     falloff = cv2.pow(np.minimum(r, f32(1.0)), app_rng.uniform(1.8, 3.0))
-    vignette = 1.0 - f32(app_rng.uniform(0.2, 0.5)) * falloff
-    gx, gy = app_rng.normal(0.0, 0.12, size=2)
+    vignette = 1.0 - f32(camera(0.2, 0.5)) * falloff
+    gx, gy = app_rng.normal(0.0, 0.12 * spread, size=2)
     light = np.clip(vignette * (1.0 + f32(gx) * xs + f32(gy) * ys), 0.2, 1.5)
-    exposure = app_rng.uniform(0.85, 1.15)
+    exposure = camera(0.85, 1.15, floor=0.3)
 
     # Camera colour response: channel gains (hue) and contrast around a fixed pivot colour.
-    gains = np.array(
-        [app_rng.uniform(0.92, 1.08), app_rng.uniform(0.85, 1.15), app_rng.uniform(0.75, 1.3)]
-    )
-    contrast = app_rng.uniform(0.85, 1.2)
+    gains = np.array([camera(0.92, 1.08, 0.3), camera(0.85, 1.15, 0.3), camera(0.75, 1.3, 0.3)])
+    contrast = camera(0.85, 1.2, floor=0.3)
     pivot = 0.75 * exposure * gains * base
     # Per channel: x * light * gain * exposure * contrast + pivot * (1 - contrast).
     # In place (dst=img) throughout: fresh full-size buffers cost page faults.
     cv2.multiply(img, _planes(light, exposure * gains * contrast, scratch), dst=img)
     cv2.add(img, (*(pivot * (1.0 - contrast)).tolist(), 0.0), dst=img)
     np.clip(img, 0.0, 1.0, out=img)
-    cv2.pow(img, app_rng.uniform(0.85, 1.2), dst=img)
-    cv2.GaussianBlur(img, (0, 0), app_rng.uniform(0.3, 0.9) * size / 512 + 0.2, dst=img)
-    noise_amp = np.sqrt(3.0) * app_rng.uniform(0.004, 0.018)  # uniform noise with that s.d.
+    cv2.pow(img, camera(0.85, 1.2, floor=0.3), dst=img)
+    cv2.GaussianBlur(img, (0, 0), camera(0.3, 0.9) * size / 512 + 0.2, dst=img)
+    noise_amp = np.sqrt(3.0) * camera(0.004, 0.018)  # uniform noise with that s.d.
     noise_rng.random(img.shape, dtype=f32, out=scratch)
     cv2.scaleAdd(scratch, 2 * noise_amp, img, dst=img)
     cv2.subtract(img, (noise_amp,) * 3 + (0.0,), dst=img)
@@ -1100,7 +1249,11 @@ def _draw(
 
 
 def _render_scene(
-    dr_grade: int, dme_grade: int, image_size: int, rng: np.random.Generator
+    dr_grade: int,
+    dme_grade: int,
+    image_size: int,
+    rng: np.random.Generator,
+    difficulty: Difficulty | None = None,
 ) -> tuple[np.ndarray, _Geometry, list[_Vessel], list[_Lesion]]:
     """Render one image and return it with the scene it was drawn from (for tests)."""
     _check_grades(dr_grade, dme_grade)
@@ -1113,19 +1266,25 @@ def _render_scene(
     anatomy_rng = np.random.default_rng(anatomy_seed)
     geom = _sample_geometry(image_size, anatomy_rng)
     vessels = _grow_vessel_tree(geom, anatomy_rng)
-    lesions = _plan_lesions(dr_grade, dme_grade, geom, vessels, np.random.default_rng(lesion_seed))
+    lesion_rng = np.random.default_rng(lesion_seed)
+    lesions = _plan_lesions(dr_grade, dme_grade, geom, vessels, lesion_rng, difficulty)
     image = _draw(
         geom,
         vessels,
         lesions,
         np.random.default_rng(appearance_seed),
         np.random.default_rng(noise_seed),
+        difficulty,
     )
     return image, geom, vessels, lesions
 
 
 def render_fundus(
-    dr_grade: int, dme_grade: int, image_size: int, rng: np.random.Generator
+    dr_grade: int,
+    dme_grade: int,
+    image_size: int,
+    rng: np.random.Generator,
+    difficulty: Difficulty | None = None,
 ) -> np.ndarray:
     """One RGB uint8 image (image_size, image_size, 3).
 
@@ -1134,8 +1293,9 @@ def render_fundus(
         dme_grade: Risk of macular edema 0-2 (IDRiD); > 0 needs ``dr_grade >= 2``.
         image_size: Side of the square image in pixels (>= 64).
         rng: Source of all randomness; the same generator state gives the same pixels.
+        difficulty: how hard the lesions are to see (`Difficulty`; None = standard).
     """
-    return _render_scene(dr_grade, dme_grade, image_size, rng)[0]
+    return _render_scene(dr_grade, dme_grade, image_size, rng, difficulty)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1157,7 +1317,7 @@ def _expected_files(root: Path, num_train: int, num_test: int) -> list[Path]:
     return files
 
 
-def _is_complete(root: Path, params: dict[str, int]) -> bool:
+def _is_complete(root: Path, params: dict[str, Any]) -> bool:
     """The manifest matches ``params`` and every file it promises is present."""
     try:
         manifest = json.loads((root / SYNTHETIC_MANIFEST).read_text())
@@ -1176,11 +1336,14 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _render_job(job: tuple[str, int, int, int, int, int, int]) -> None:
+_Job = tuple[str, int, int, int, int, int, int, Difficulty]
+
+
+def _render_job(job: _Job) -> None:
     """Render and save one image; the seed depends only on (seed, split, index)."""
-    path, split_index, image_index, dr, dme, image_size, seed = job
+    path, split_index, image_index, dr, dme, image_size, seed, difficulty = job
     rng = np.random.default_rng([seed, split_index, image_index])
-    _write_jpeg(Path(path), render_fundus(dr, dme, image_size, rng))
+    _write_jpeg(Path(path), render_fundus(dr, dme, image_size, rng, difficulty))
 
 
 def _usable_cpus() -> int:
@@ -1194,7 +1357,7 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
 
 
-def _render_all(jobs: list[tuple[str, int, int, int, int, int, int]], num_workers: int) -> None:
+def _render_all(jobs: list[_Job], num_workers: int) -> None:
     workers = min(num_workers, len(jobs))
     if workers <= 1:
         for job in jobs:
@@ -1218,8 +1381,16 @@ def _render_all(jobs: list[tuple[str, int, int, int, int, int, int]], num_worker
             _render_job(job)
 
 
-def _build(tmp: Path, params: dict[str, int], num_workers: int) -> None:
-    """Write the whole dataset into ``tmp``, the manifest last."""
+def _build(
+    tmp: Path, params: dict[str, Any], num_workers: int, difficulty: Difficulty | None = None
+) -> None:
+    """Write the whole dataset into ``tmp``, the manifest last.
+
+    With label noise the CSVs hold the grader's (noisy) grades and the manifest counts how
+    many differ from the rendered ones.
+    """
+    difficulty = difficulty or Difficulty()
+    relabelled: dict[str, int] = {}
     grading = tmp / _GRADING_DIR
     (grading / _GROUNDTRUTH_DIR).mkdir(parents=True)
     jobs = []
@@ -1232,17 +1403,23 @@ def _build(tmp: Path, params: dict[str, int], num_workers: int) -> None:
         folder.mkdir(parents=True)
         grades = sample_grades(n, params["seed"] + offset)
         names = _image_names(n)
+        written = grades
+        if difficulty.label_noise > 0:
+            noise_rng = np.random.default_rng([params["seed"], offset, 7])
+            written = _grader_labels(grades, difficulty.label_noise, noise_rng)
+        relabelled[split] = sum(a != b for a, b in zip(grades, written, strict=True))
         rows = [_CSV_HEADER] + [
-            f"{nm},{dr},{dme}" for nm, (dr, dme) in zip(names, grades, strict=True)
+            f"{nm},{dr},{dme}" for nm, (dr, dme) in zip(names, written, strict=True)
         ]
         (grading / _GROUNDTRUTH_DIR / csv_name).write_text("\n".join(rows) + "\n")
         counts[split] = {
-            "dr": [sum(g[0] == k for g in grades) for k in range(5)],
-            "dme": [sum(g[1] == k for g in grades) for k in range(3)],
+            "dr": [sum(g[0] == k for g in written) for k in range(5)],
+            "dme": [sum(g[1] == k for g in written) for k in range(3)],
         }
         for i, (nm, (dr, dme)) in enumerate(zip(names, grades, strict=True)):
             path = str(folder / f"{nm}.jpg")
-            jobs.append((path, offset, i, dr, dme, params["image_size"], params["seed"]))
+            size, seed = params["image_size"], params["seed"]
+            jobs.append((path, offset, i, dr, dme, size, seed, difficulty))
     _render_all(jobs, num_workers)
     manifest = {
         "generator": "visioncare.data.synthetic",
@@ -1250,6 +1427,8 @@ def _build(tmp: Path, params: dict[str, int], num_workers: int) -> None:
         "class_counts": counts,
         "layout": "IDRiD B. Disease Grading",
     }
+    if not difficulty.is_standard:
+        manifest["relabelled_by_grader_noise"] = relabelled
     (tmp / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -1313,6 +1492,7 @@ def generate_synthetic_idrid(
     image_size: int = 512,
     seed: int = 0,
     num_workers: int | None = None,
+    difficulty: Difficulty | None = None,
 ) -> Path:
     """Write (or reuse) the dataset under root in IDRiD layout; return root as a Path.
 
@@ -1330,6 +1510,8 @@ def generate_synthetic_idrid(
             on ``num_workers``.
         num_workers: Rendering processes; None = the CPUs this process may use
             (``os.cpu_count()`` unless an affinity mask says fewer), 0 or 1 = in-process.
+        difficulty: lesion subtlety, camera spread and label noise (None = standard). A
+            non-standard difficulty is part of the parameters a stored set must match.
 
     Raises:
         ValueError: On bad arguments or when ``root`` holds something else.
@@ -1341,13 +1523,16 @@ def generate_synthetic_idrid(
         raise ValueError(f"image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    params = {
+    difficulty = difficulty or Difficulty()
+    params: dict[str, Any] = {
         "generator_version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_test": int(num_test),
         "image_size": int(image_size),
         "seed": int(seed),
     }
+    if not difficulty.is_standard:  # standard sets written before the knob existed stay valid
+        params["difficulty"] = asdict(difficulty)
     if root.exists():
         if not root.is_dir():
             raise ValueError(f"data.root {root} is a file, not a folder; choose another data.root")
@@ -1370,7 +1555,7 @@ def generate_synthetic_idrid(
     n = num_train + num_test
     log.info("Rendering %d synthetic fundus images (%d px) into %s", n, image_size, root)
     try:
-        _build(tmp, params, workers)
+        _build(tmp, params, workers, difficulty)
         if _is_complete(root, params):  # another process finished the same build first
             return root
         try:
@@ -1393,11 +1578,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTY_PRESETS), default="standard")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     root = generate_synthetic_idrid(
-        args.root, args.num_train, args.num_test, args.image_size, args.seed, args.num_workers
+        args.root,
+        args.num_train,
+        args.num_test,
+        args.image_size,
+        args.seed,
+        args.num_workers,
+        DIFFICULTY_PRESETS[args.difficulty],
     )
     print(f"{root} ready in {time.perf_counter() - start:.1f} s")
 

@@ -22,6 +22,7 @@ from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
+from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
 from visioncare.utils.rng import capture_rng_state, restore_rng_state
 
 # Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
@@ -108,6 +109,8 @@ class VisionCareModule(L.LightningModule):
         self.confusion: dict[str, dict[str, Tensor]] = {}
         # The composed run config (plain dict), stored in every checkpoint for eval/predict.
         self.run_config: dict[str, Any] | None = None
+        # Task → referable threshold chosen on validation (`visioncare.referral`), set after fit.
+        self.operating_points: dict[str, dict[str, Any]] | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -327,12 +330,15 @@ class VisionCareModule(L.LightningModule):
         checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
         # Which weights training started from (package + sha256, hub id, file or random).
         checkpoint["visioncare_weights"] = dict(self.net.weights_provenance)
+        if self.operating_points:
+            checkpoint[OPERATING_POINTS_KEY] = self.operating_points
         # Dropout draws from the global generators: without their state a resumed run diverges.
         checkpoint["visioncare_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("visioncare_config", self.run_config)
         self.net.weights_provenance = checkpoint.get("visioncare_weights", {"source": "unknown"})
+        self.operating_points = checkpoint.get(OPERATING_POINTS_KEY, self.operating_points)
         rng = checkpoint.get("visioncare_rng")
         if rng and self.trainer.state.fn == "fit":
             restore_rng_state(rng)

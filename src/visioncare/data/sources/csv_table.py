@@ -12,7 +12,11 @@ absolute path) and one CSV (`data.table`, absolute or relative to root) with
   grade is an error;
 - optionally a split column (`split_column`) with ``train``/``val``/``test`` (also ``training``,
   ``valid``, ``validation``, ``testing``; any case). Without it a seeded stratified
-  `test_fraction` is held out as ``test``.
+  `test_fraction` is held out as ``test``;
+- optionally a patient column (`patient_column`): rows with the same id are one person's
+  images, kept on one side of every split (a table whose own split column separates a patient's
+  images is an error); and a laterality column (`laterality_column`: ``L``/``R``, ``left``/
+  ``right``, ``OS``/``OD``, any case; empty = unknown).
 
 Every bad cell is reported at once, with the file and line. Keys are ``<name>/<image cell>``.
 """
@@ -48,6 +52,7 @@ SPLIT_NAMES = {
     "testing": "test",
 }
 MAX_GRADE = {"dr": 4, "dme": 2}
+LATERALITY = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
 
 Listing = tuple[dict[str, Path], dict[str, Path]]
 
@@ -83,6 +88,8 @@ class CSVTableSource(DatasetSource):
         dr_map: cell text -> DR grade (0-4, or -1 = not graded); None = cells are integers.
         dme_map: cell text -> DME grade (0-2, or -1 = not graded); None = cells are integers.
         split_column: column with train/val/test per row; None = hold out `test_fraction`.
+        patient_column: column with the patient id; None = each image is its own patient.
+        laterality_column: column with the eye (L/R); None = unknown.
         image_suffix: appended to names without an image extension (e.g. ``.png``).
         name: dataset name used in record keys and per-source metrics.
         test_fraction: share held out as the test split when there is no split column.
@@ -100,6 +107,8 @@ class CSVTableSource(DatasetSource):
         dr_map: Mapping[Any, Any] | None = None,
         dme_map: Mapping[Any, Any] | None = None,
         split_column: str | None = None,
+        patient_column: str | None = None,
+        laterality_column: str | None = None,
         image_suffix: str = "",
         name: str = "csv",
         test_fraction: float = 0.2,
@@ -124,6 +133,8 @@ class CSVTableSource(DatasetSource):
                 ("dr", dr_column),
                 ("dme", dme_column),
                 ("split", split_column),
+                ("patient", patient_column),
+                ("laterality", laterality_column),
             )
             if column is not None
         }
@@ -162,6 +173,7 @@ class CSVTableSource(DatasetSource):
         listings: dict[Path, Listing] = {}
         splits: dict[str, list[Record]] = {"train": [], "test": []}
         pool: list[Record] = []
+        first_split: dict[str, tuple[str, int]] = {}  # patient -> (split, row) first seen
         for row in frame.itertuples(index=False):
             where = row_location(path, row.row, row.image)
             before = len(problems)
@@ -174,10 +186,22 @@ class CSVTableSource(DatasetSource):
             if dr == -1 and dme == -1 and len(problems) == before:
                 problems.append(f"{where}: neither a DR nor a DME grade")
             split = self._split(cells["split"], where, problems) if "split" in cells else None
+            patient = "" if is_blank(cells.get("patient")) else str(cells["patient"]).strip()
+            laterality = self._laterality(cells.get("laterality"), where, problems)
             if len(problems) > before:
                 continue
+            if patient and split is not None:
+                first, first_row = first_split.setdefault(patient, (split, row.row))
+                if first != split:
+                    problems.append(
+                        f"{where}: patient {patient!r} is in {split!r} here and in {first!r} "
+                        f"at row {first_row}; a patient's images must share one split "
+                        f"(column {self.columns['split']!r}), or validation and test see the "
+                        "other eye of a training patient"
+                    )
             image = self._resolve(row.image, listings)
-            record = Record(image, dr, dme, self.name, f"{self.name}/{row.image}")
+            key = f"{self.name}/{row.image}"
+            record = Record(image, dr, dme, self.name, key, patient, laterality)
             if split is None:
                 pool.append(record)
             else:
@@ -209,6 +233,20 @@ class CSVTableSource(DatasetSource):
             )
             return -1
         return mapping[text.lower()]
+
+    def _laterality(self, value: object, where: str, problems: list[str]) -> str:
+        """``L``/``R`` from a laterality cell; "" when blank or without a laterality column."""
+        if "laterality" not in self.columns or is_blank(value):
+            return ""
+        text = str(value).strip()
+        eye = LATERALITY.get(text.lower())
+        if eye is None:
+            problems.append(
+                f"{where}, column {self.columns['laterality']!r}: laterality {text!r} is not "
+                "L, R, left, right, OS or OD"
+            )
+            return ""
+        return eye
 
     def _split(self, value: object, where: str, problems: list[str]) -> str | None:
         text = "" if is_blank(value) else str(value).strip()

@@ -9,10 +9,13 @@ Layout under `data.root` (as unzipped from Kaggle):
 - optionally ``testLabels.csv`` (``image,level,Usage``; Kaggle released it after the
   competition, Usage = Public/Private) with ``test/<image>.jpeg`` (`test_image_dir`).
 
-There is no DME grade (``dme = -1``). When both ``testLabels.csv`` and the test image folder are
-present they form the test split (keys ``eyepacs/test/<image>``); otherwise a seeded stratified
-`test_fraction` of the training labels is held out (keys ``eyepacs/<image>`` either way for
-training images, so a held-out image keeps its key).
+Each row is one eye of a patient: ``10_left`` and ``10_right`` get patient ``10`` and
+laterality ``L``/``R``, so the test hold-out and the validation split keep a patient's eyes
+together (the eyes' grades are strongly correlated). There is no DME grade (``dme = -1``).
+When both ``testLabels.csv`` and the test image folder are present they form the test split
+(keys ``eyepacs/test/<image>``); otherwise a seeded stratified `test_fraction` of the training
+labels is held out (keys ``eyepacs/<image>`` either way for training images, so a held-out
+image keeps its key).
 """
 
 from __future__ import annotations
@@ -101,4 +104,6 @@ class EyePACSSource(DatasetSource):
 
     def _read(self, labels: Path, folder: Path, prefix: str, problems: list[str]) -> list[Record]:
         """Records of one label table; problems are collected, not raised."""
-        return read_dr_only_table(labels, COLUMNS, folder, self.name, prefix, ".jpeg", problems)
+        return read_dr_only_table(
+            labels, COLUMNS, folder, self.name, prefix, ".jpeg", problems, eyes_in_names=True
+        )

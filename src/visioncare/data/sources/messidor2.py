@@ -13,10 +13,16 @@ count is logged; `skipped` lists them). ``adjudicated_dme`` is *referable* DME (
 three-grade scale the DME head predicts, so records get ``dme = -1``; the binary label is kept in
 `referable_dme` for screening-style evaluation. Messidor-2 has no official split: a seeded
 stratified `test_fraction` is held out as ``test``. Keys are ``messidor2/<image_id>``.
+
+Examinations: Messidor-2 photographs both eyes of each examination. With `pairs_table` (a CSV,
+relative to root, one examination per row with its image names in the first two columns, comma-
+or semicolon-separated, an optional header) the two images of a row get one patient id, so the
+held-out test and validation splits keep them together. Without it each image is its own patient.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from visioncare.data.sources.tables import (
     resolve_image,
     row_location,
 )
-from visioncare.errors import DataValidationError
+from visioncare.errors import ConfigurationError, DataValidationError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ class Messidor2Source(DatasetSource):
         test_fraction: share of the gradable images held out as the test split.
         split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
             validation seed `data.split_seed`).
+        pairs_table: CSV of examinations (two image names per row), relative to root; None =
+            no patient grouping.
 
     Attributes:
         referable_dme: after `load()`, record key -> adjudicated referable DME (0/1) for every
@@ -69,9 +77,11 @@ class Messidor2Source(DatasetSource):
         image_dir: str = "IMAGES",
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        pairs_table: str | None = None,
     ) -> None:
         super().__init__(root)
         self.image_dir = image_dir
+        self.pairs_table = pairs_table
         self.test_fraction = check_test_fraction(test_fraction)
         self.split_seed = split_seed
         self.referable_dme: dict[str, int] = {}
@@ -86,6 +96,7 @@ class Messidor2Source(DatasetSource):
                 f"(the adjudicated grades) next to '{self.image_dir}/' (data.image_dir)"
             )
         table = read_label_table(labels, COLUMNS)
+        patients = self._examinations()
         folder = self.root / self.image_dir
         listing = {p.name: p for p in folder.iterdir()} if folder.is_dir() else {}
         lowered = {name.lower(): path for name, path in listing.items()}
@@ -110,7 +121,8 @@ class Messidor2Source(DatasetSource):
             if not image.is_file():
                 image = folder / row.image  # report the name the table gives
             key = f"{self.name}/{row.image}"
-            records.append(Record(image, dr, -1, self.name, key))
+            patient = patients.get(row.image.lower(), "")
+            records.append(Record(image, dr, -1, self.name, key, patient))
             if dme != -1:
                 referable[key] = dme
         if problems:
@@ -123,3 +135,27 @@ class Messidor2Source(DatasetSource):
             )
         self.referable_dme, self.skipped = referable, skipped
         return hold_out_test(records, self.test_fraction, self.split_seed)
+
+    def _examinations(self) -> dict[str, str]:
+        """Lower-cased image name -> examination id (its first image's name) from `pairs_table`."""
+        if self.pairs_table is None:
+            return {}
+        path = Path(self.pairs_table).expanduser()
+        path = path if path.is_absolute() else self.root / path
+        if not path.is_file():
+            raise ConfigurationError(
+                f"data.pairs_table={self.pairs_table!r}: {path} not found (a relative path is "
+                "read from data.root); set it to null to treat every image as its own patient"
+            )
+        text = path.read_text(encoding="utf-8-sig")
+        delimiter = ";" if text.count(";") > text.count(",") else ","
+        patients: dict[str, str] = {}
+        for line, cells in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), 1):
+            names = [c.strip() for c in cells[:2] if c.strip()]
+            if len(names) < 2 or not all(Path(n).suffix for n in names):
+                continue  # a header or a blank line
+            first = Path(names[0]).name
+            for name in names:
+                patients[Path(name).name.lower()] = first
+            log.debug("Messidor-2 examination %d: %s", line, names)
+        return patients

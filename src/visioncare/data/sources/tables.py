@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from visioncare.data.records import Record, stratified_split
+from visioncare.data.records import Record, patient_from_name, stratified_split
 from visioncare.errors import ConfigurationError, DataValidationError
 
 # Tried in order for names listed without extension (DICOM last: clinics' exports).
@@ -124,6 +124,8 @@ def hold_out_test(
 ) -> dict[str, list[Record]]:
     """``train``/``test`` from one labelled pool, stratified on the joint label and seeded.
 
+    Grouped by patient where records carry one: a patient's eyes are all train or all test.
+
     The same seed gives the same test images whatever the row order of the table, so test
     metrics stay comparable across runs; the validation split (`data.split_seed`) is drawn
     afterwards from what is left and never overlaps the test images.
@@ -140,12 +142,14 @@ def read_dr_only_table(
     key_prefix: str,
     default_suffix: str,
     problems: list[str],
+    eyes_in_names: bool = False,
 ) -> list[Record]:
     """Records of a DR-only label table (APTOS, EyePACS): DME stays ungraded (-1).
 
     Problems are collected in ``problems`` with file and row, not raised one by one.
     ``default_suffix`` names the file the dataset ships when a name has no extension and no
-    file matches (so the missing-file report shows the expected name).
+    file matches (so the missing-file report shows the expected name). With ``eyes_in_names``
+    the patient id and laterality come from names such as ``10_left`` (`patient_from_name`).
     """
     table = read_label_table(labels, columns)
     listing = {p.name: p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
@@ -162,5 +166,8 @@ def read_dr_only_table(
         image = resolve_image(folder, row.image, listing)
         if not image.is_file() and not Path(row.image).suffix:
             image = folder / f"{row.image}{default_suffix}"
-        records.append(Record(image, dr, -1, source, f"{source}/{key_prefix}{row.image}"))
+        patient, laterality = patient_from_name(Path(row.image).stem) if eyes_in_names else ("", "")
+        key = f"{source}/{key_prefix}{row.image}"
+        patient = f"{key_prefix}{patient}" if patient else ""
+        records.append(Record(image, dr, -1, source, key, patient, laterality))
     return records

@@ -1,0 +1,27 @@
+"""Ablate the recipe: `python src/ablate.py [seeds=[0,1,2]] [common=[...]]` (conf/ablate.yaml).
+
+Arms × seeds of `src/train.py`, then ablation.csv / ablation.md; see `visioncare.ablation`.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from visioncare.ablation import ablate  # noqa: E402
+from visioncare.utils.hydra import register_resolvers, run_task  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="ablate")
+def main(cfg: DictConfig) -> None:
+    run_task(ablate, cfg)
+
+
+if __name__ == "__main__":
+    main()
