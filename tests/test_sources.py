@@ -288,8 +288,11 @@ def test_csv_split_column_separating_a_patient_is_an_error(tmp_path):
     with pytest.raises(DataValidationError) as error:
         source.load()
     message = str(error.value)
-    assert "labels.csv, row 3: patient 'P1' is in 'test' here and in 'train' at row 2" in message
-    assert "row 4, column 'eye': laterality 'sideways'" in message
+    assert (
+        "labels.csv, line 3 (header = line 1), image 'b.png': patient 'P1' is in 'test' here "
+        "and in 'train' at line 2" in message
+    )
+    assert "line 4 (header = line 1), image 'c.png', column 'eye': laterality 'sideways'" in message
 
 
 # ----------------------------------------------------------------------------- Messidor-2

@@ -195,7 +195,7 @@ class CSVTableSource(DatasetSource):
                 if first != split:
                     problems.append(
                         f"{where}: patient {patient!r} is in {split!r} here and in {first!r} "
-                        f"at row {first_row}; a patient's images must share one split "
+                        f"at line {first_row}; a patient's images must share one split "
                         f"(column {self.columns['split']!r}), or validation and test see the "
                         "other eye of a training patient"
                     )
