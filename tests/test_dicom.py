@@ -192,3 +192,26 @@ def test_dicom_without_pixels_in_a_dataset_fails_before_training(tmp_path, make_
     cfg = make_cfg("data=csv", f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}")
     with pytest.raises(DataValidationError, match=r"report\.dcm is a DICOM file without pixel"):
         instantiate(cfg.data).prepare_data()
+
+
+def test_dicom_headers_name_patient_and_eye_and_splits_keep_both_eyes_together(tmp_path, photo):
+    """Camera exports are named by UID: PatientID and ImageLaterality say whose eye it is."""
+    import pydicom
+
+    from visioncare.data.sources.csv_table import CSVTableSource
+
+    rows = []
+    for patient in range(10):
+        for side in ("L", "R"):
+            path = write_dicom(tmp_path / f"{generate_uid()}.dcm", photo)
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.ImageLaterality = f"P{patient}", side
+            ds.save_as(path)
+            rows.append(f"{path.name},{patient % 5},0")
+    (tmp_path / "labels.csv").write_text("image,dr,dme\n" + "\n".join(rows) + "\n")
+    splits = CSVTableSource(tmp_path, table="labels.csv", test_fraction=0.3).load()
+    patients = {name: {r.patient for r in records} for name, records in splits.items()}
+    assert patients["train"] and patients["test"]
+    assert not patients["train"] & patients["test"]  # no patient on both sides
+    records = [r for rs in splits.values() for r in rs]
+    assert {r.laterality for r in records} == {"L", "R"} and all(r.patient for r in records)

@@ -22,7 +22,7 @@ from visioncare.data.cache import PreprocessedCache
 from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, FundusDataset
 from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig, default_cache_size
-from visioncare.data.records import Record, stratified_split
+from visioncare.data.records import Record, stratified_split, with_dicom_identity
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
@@ -150,7 +150,8 @@ class FundusDataModule(L.LightningDataModule):
             self._load_and_cache_unlocked()
 
     def _load_and_cache_unlocked(self) -> None:
-        loaded = self.source.load()
+        # DICOM headers name the patient and eye where the source could not.
+        loaded = {split: with_dicom_identity(r) for split, r in self.source.load().items()}
         validate_records(loaded, self.source.name)
         all_records = [r for records in loaded.values() for r in records]
         threads = None if self.num_workers == "auto" else self.num_workers  # None: all cores

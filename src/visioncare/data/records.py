@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from visioncare.data.dicom import dicom_identity
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,27 @@ def stratified_split(
 
 _EYE_NAME = re.compile(r"^(?P<patient>.+?)[_\-. ](?P<eye>left|right|od|os)$", re.IGNORECASE)
 _LATERALITY = {"left": "L", "os": "L", "right": "R", "od": "R"}
+
+
+def with_dicom_identity(records: Sequence[Record]) -> list[Record]:
+    """Records of DICOM files get the header's PatientID and ImageLaterality where unknown.
+
+    A clinic's camera export names its files by UID, not ``10_left``; the header says whose eye
+    it is, so splits keep that patient's eyes together like any other source's.
+    """
+    out = []
+    for record in records:
+        if record.image.suffix.lower() in (".dcm", ".dicom") and not (
+            record.patient and record.laterality
+        ):
+            patient, laterality = dicom_identity(record.image)
+            record = replace(
+                record,
+                patient=record.patient or patient,
+                laterality=record.laterality or laterality,
+            )
+        out.append(record)
+    return out
 
 
 def patient_from_name(stem: str) -> tuple[str, str]:

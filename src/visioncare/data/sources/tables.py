@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from visioncare.data.records import Record, patient_from_name, stratified_split
+from visioncare.data.records import (
+    Record,
+    patient_from_name,
+    stratified_split,
+    with_dicom_identity,
+)
 from visioncare.errors import ConfigurationError, DataValidationError
 
 # Tried in order for names listed without extension (DICOM last: clinics' exports).
@@ -130,7 +135,7 @@ def hold_out_test(
     metrics stay comparable across runs; the validation split (`data.split_seed`) is drawn
     afterwards from what is left and never overlaps the test images.
     """
-    train, test = stratified_split(records, test_fraction, split_seed)
+    train, test = stratified_split(with_dicom_identity(records), test_fraction, split_seed)
     return {"train": train, "test": test}
 
 
