@@ -41,6 +41,9 @@ def _assert_one_error_line(done: subprocess.CompletedProcess, *fragments: str) -
         (["model.backbone=efficientnet_v2s"], ["backbone='efficientnet_v2s'", "efficientnetv2_s"]),
         (["data.image_size=224", "data.cache_size=100"], ["cache_size (100)", "cache_size=null"]),
         (["data.batch_size=0"], ["data.batch_size=0", "integer >= 1"]),
+        (["model.pretrained=imagenet"], ["model.pretrained='imagenet'", "offline"]),
+        # Checked before training, not when the operating point is chosen after it.
+        (["target_sensitivity=85"], ["target_sensitivity=85", "(0, 1]"]),
         # Lightning's MisconfigurationException from the Trainer's constructor.
         (["trainer.max_epochs=-3"], ["trainer: ", "`trainer.max_epochs`", "-1", "-3"]),
         # Found by Hydra while composing, before the task runs.

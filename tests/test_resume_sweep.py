@@ -19,7 +19,7 @@ from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from tests.test_train import assert_tensorboard_complete
 from visioncare.errors import ConfigurationError
 from visioncare.training import train
-from visioncare.utils.checkpoints import resolve_ckpt_path, resume_run_dir
+from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path, resume_run_dir
 
 
 def _cli(
@@ -93,6 +93,12 @@ def test_resume_into_another_directory_brings_the_best_checkpoint(make_cfg, tmp_
     with pytest.raises(ConfigurationError, match=r"best checkpoint \(epoch \d\).*best\.ckpt"):
         train(alone)
     assert not (tmp_path / "C" / "checkpoints" / "last.ckpt").exists()
+
+    # A requeued SLURM job resumes from Lightning's hpc_ckpt_<n>.ckpt in the run directory itself;
+    # its best.ckpt is in checkpoints/ below it, right where the resumed run wants it.
+    hpc = tmp_path / "A" / "hpc_ckpt_1.ckpt"
+    shutil.copy2(last, hpc)
+    carry_best_checkpoint(hpc, tmp_path / "A" / "checkpoints" / "best.ckpt")
 
 
 def test_home_relative_checkpoint_resumes_in_its_own_directory(tmp_path, monkeypatch):

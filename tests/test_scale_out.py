@@ -243,5 +243,8 @@ def test_bad_num_workers_names_the_key(make_cfg):
     from hydra.utils import instantiate
 
     # Hydra wraps the ConfigurationError; the entry points print its message as `ERROR: ...`.
-    with pytest.raises(InstantiationException, match=r"data\.num_workers='many' is not allowed"):
+    with pytest.raises(
+        InstantiationException,
+        match=r"data\.num_workers='many' is not allowed; use an integer >= 0 or auto",
+    ):
         instantiate(make_cfg("data.num_workers=many").data)

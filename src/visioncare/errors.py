@@ -34,12 +34,16 @@ class TrainingDivergedError(VisionCareError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def check_int_at_least(value: object, key: str, minimum: int = 1) -> int:
+def check_int_at_least(value: object, key: str, minimum: int = 1, also: str = "") -> int:
     """``value`` as an int >= ``minimum``, else a `ConfigurationError` naming ``key``.
 
     Checked where the value is taken, so `data.batch_size=0` fails before any data is read,
-    not inside a DataLoader's sampler with torch's wording.
+    not inside a DataLoader's sampler with torch's wording. ``also`` names another value the
+    key accepts (e.g. ``auto``), for the message.
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{key}={value!r} is not allowed; use an integer >= {minimum}")
+        alternative = f" or {also}" if also else ""
+        raise ConfigurationError(
+            f"{key}={value!r} is not allowed; use an integer >= {minimum}{alternative}"
+        )
     return value

@@ -409,8 +409,8 @@ def write_eval_plots(
             continue
         threshold = REFERABLE_FROM[task]
         labelled = targets[task] != IGNORE_INDEX
-        truth = (targets[task][labelled] >= threshold).long()
-        score = probs[task][labelled][:, threshold:].sum(dim=1)
+        truth = referable_truth(targets[task][labelled], task)
+        score = referable_score(probs[task][labelled], task)
         fpr, tpr, _ = BinaryROC()(score, truth)
         title = f"Referable {task.upper()} (grade >= {threshold}), {split}"
         path = plots / f"roc_referable_{task}.png"

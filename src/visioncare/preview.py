@@ -24,9 +24,15 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from visioncare.data.inputs import collect_images
-from visioncare.data.preprocess import Prepared, PreprocessConfig, UnreadableImageError, prepare
+from visioncare.data.preprocess import (
+    Prepared,
+    PreprocessConfig,
+    UnreadableImageError,
+    default_cache_size,
+    prepare,
+)
 from visioncare.data.quality import QualityThresholds
-from visioncare.errors import ConfigurationError
+from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.inference import InputSpec, input_spec, load_model, onnx_input_spec
 
 log = logging.getLogger("visioncare")
@@ -56,10 +62,15 @@ def settings_from(cfg: DictConfig) -> Settings:
             model, config = load_model(path)
             spec = input_spec(model, config)
         return Settings(spec.image_size, spec.preprocess)
-    image_size, cache_size = int(cfg.image_size), int(cfg.cache_size)
+    image_size = check_int_at_least(cfg.image_size, "image_size")
+    if cfg.cache_size is None:
+        cache_size = default_cache_size(image_size)
+    else:
+        cache_size = check_int_at_least(cfg.cache_size, "cache_size")
     if cache_size < image_size:
         raise ConfigurationError(
-            f"cache_size ({cache_size}) must be >= image_size ({image_size}), as in training"
+            f"cache_size ({cache_size}) must be >= image_size ({image_size}), as in training; "
+            "set cache_size=null to derive it"
         )
     return Settings(
         image_size,

@@ -27,9 +27,14 @@ from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import predict as predict_probabilities
 from visioncare.inference import input_spec, load_model
+from visioncare.models.net import normalise_pretrained
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.prediction import gradcam_examples
-from visioncare.referral import operating_points, store_operating_points
+from visioncare.referral import (
+    DEFAULT_TARGET_SENSITIVITY,
+    operating_points,
+    store_operating_points,
+)
 from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
 from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
@@ -84,6 +89,22 @@ def log_gradcam_to_tensorboard(
             for path in written:
                 image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
                 logger.experiment.add_image(f"gradcam/{path.stem}", image, dataformats="HWC")
+
+
+def check_target_sensitivity(value: Any) -> float:
+    """`target_sensitivity` as a float in (0, 1], checked before training (not after it)."""
+    if value is None:
+        return DEFAULT_TARGET_SENSITIVITY
+    try:
+        target = float(value)
+    except (TypeError, ValueError):
+        target = float("nan")
+    if not 0.0 < target <= 1.0:
+        raise ConfigurationError(
+            f"target_sensitivity={value!r} is not allowed; give the sensitivity the referable "
+            "operating point must reach on validation as a fraction in (0, 1], e.g. 0.85"
+        )
+    return target
 
 
 def choose_operating_points(
@@ -175,6 +196,7 @@ def load_best_weights(trainer: L.Trainer, model: L.LightningModule, best_path: s
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, select on validation, test once; returns best validation and test metrics."""
     refuse_multirun_ddp(cfg)
+    target_sensitivity = check_target_sensitivity(cfg.get("target_sensitivity"))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +211,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     datamodule.set_normalization(model.net.data_config)
-    if not (cfg.model.pretrained or cfg.model.weights_path) and not datamodule.is_synthetic:
+    random_weights = normalise_pretrained(cfg.model.pretrained) == "none"
+    if random_weights and not cfg.model.weights_path and not datamodule.is_synthetic:
         log.warning(RANDOM_WEIGHTS_WARNING)
     # Validate, generate and cache now: bad input fails here, before any checkpoint exists.
     datamodule.prepare_data()
@@ -223,9 +246,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if best_path or cfg.get("test", True):
         # Re-validate the best weights (their confusion matrices; they are now in `model`).
         trainer.validate(model, datamodule, verbose=False)
-    if best_path and trainer.is_global_zero:
-        target = float(cfg.get("target_sensitivity", 0.85))
-        choose_operating_points(model, datamodule, best_path, target)
     if cfg.get("test", True):
         # Test exactly once.
         results = trainer.test(model, datamodule)
@@ -244,11 +264,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model_info,
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
+        # A fresh model from best.ckpt, never the compiled training one, on the training device
+        # (Lightning moves the trained model back to the CPU when it is done). After `test`, so
+        # no other rank waits at a barrier while rank 0 works alone.
+        device = str(trainer.strategy.root_device)
+        best_model = load_model(best_path, device)[0] if best_path else None
+        if best_model is not None:
+            choose_operating_points(best_model, datamodule, best_path, target_sensitivity)
         if count := cfg.get("gradcam_images", 4):
-            # A fresh model from best.ckpt, never the compiled training one, on the training
-            # device (Lightning moves the trained model back to the CPU when it is done).
-            device = str(trainer.strategy.root_device)
-            explained = load_model(best_path, device)[0] if best_path else model
+            explained = best_model if best_model is not None else model
             log_gradcam_to_tensorboard(explained, datamodule, loggers, output_dir, count)
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):

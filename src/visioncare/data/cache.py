@@ -22,6 +22,7 @@ import numpy as np
 from rich.progress import Progress
 
 from visioncare.data.preprocess import PreprocessConfig, UnreadableImageError, prepare
+from visioncare.utils.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class PreprocessedCache:
             else:
                 todo.append((source, target))
         if todo:
-            workers = num_workers or os.cpu_count() or 1
+            workers = num_workers or usable_cpus()
             unlocated: list[Path] = []
             with ThreadPoolExecutor(max_workers=workers) as pool, Progress(transient=True) as bar:
                 task = bar.add_task(f"Caching {len(todo)} images", total=len(todo))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from visioncare.data.sources.base import DatasetSource
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
 from visioncare.errors import ConfigurationError, DataValidationError, check_int_at_least
+from visioncare.utils.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,8 @@ class FundusDataModule(L.LightningDataModule):
         super().__init__()
         check_int_at_least(image_size, "data.image_size", minimum=1)
         check_int_at_least(batch_size, "data.batch_size", minimum=1)
-        if num_workers != "auto" and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-        ):
-            raise ConfigurationError(
-                f"data.num_workers={num_workers!r} is not allowed; use an integer >= 0 or auto"
-            )
+        if num_workers != "auto":
+            check_int_at_least(num_workers, "data.num_workers", minimum=0, also="auto")
         if cache_size is None:
             cache_size = default_cache_size(image_size)
         elif cache_size < image_size:
@@ -264,13 +260,6 @@ class FundusDataModule(L.LightningDataModule):
 CPU_RUN_WORKERS = 2
 # Beyond this a GPU's loader gains nothing and each worker still holds its own memory.
 MAX_WORKERS_PER_GPU = 8
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask of SLURM/cgroups, not the whole machine)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def resolve_num_workers(num_workers: int | str, on_gpu: bool, processes_per_node: int) -> int:

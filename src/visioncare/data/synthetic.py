@@ -59,6 +59,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from visioncare.utils.cpus import usable_cpus
+
 __all__ = [
     "DIFFICULTY_PRESETS",
     "IDRID_TRAIN_COUNTS_DME",
@@ -1346,13 +1348,6 @@ def _render_job(job: _Job) -> None:
     _write_jpeg(Path(path), render_fundus(dr, dme, image_size, rng, difficulty))
 
 
-def _usable_cpus() -> int:
-    """os.cpu_count(), narrowed by the affinity mask (taskset, cpusets) where there is one."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
 
@@ -1546,7 +1541,7 @@ def generate_synthetic_idrid(
                 f"dataset (no {SYNTHETIC_MANIFEST}); refusing to overwrite it. Choose another "
                 "data.root for the synthetic data, or point the real IDRiD loader at this folder."
             )
-    workers = _usable_cpus() if num_workers is None else int(num_workers)
+    workers = usable_cpus() if num_workers is None else int(num_workers)
     _remove_stale_temp_dirs(root)
     tmp = root.parent / f".{root.name}.tmp-{_owner_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)

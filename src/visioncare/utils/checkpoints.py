@@ -66,7 +66,11 @@ def carry_best_checkpoint(
     checks, so under DDP every rank refuses alike and one process writes.
     """
     resume_from, best_path = Path(resume_from).resolve(), Path(best_path).resolve()
-    source = resume_from.parent / best_path.name
+    # Beside a last.ckpt, or in checkpoints/ below the run directory where Lightning writes a
+    # requeued SLURM job's hpc_ckpt_<n>.ckpt.
+    candidates = [resume_from.parent / best_path.name]
+    candidates.append(resume_from.parent / "checkpoints" / best_path.name)
+    source = next((c for c in candidates if c.is_file()), candidates[0])
     if source.is_file():
         if copy and source != best_path:
             best_path.parent.mkdir(parents=True, exist_ok=True)
