@@ -74,6 +74,15 @@ def test_eval_predict_export_mistakes_are_one_error_line(tmp_path, tiny_checkpoi
         "num_workers=-1",
         "integer >= 0",
     )
+    # Checked before any image is predicted, not when the intervals or flags are computed.
+    _assert_one_error_line(
+        _run("eval.py", ckpt, logs, "bootstrap.level=95.0"), "bootstrap.level=95.0", "(0, 1)"
+    )
+    _assert_one_error_line(
+        _run("predict.py", ckpt, logs, f"input={tmp_path}", "+quality.foo=1"),
+        "quality.foo is not a quality threshold",
+        "quality.too_dark",
+    )
     # A required `???` key left out: OmegaConf's MissingMandatoryValue.
     _assert_one_error_line(_run("export.py", logs), "ckpt_path is required", "ckpt_path=")
 

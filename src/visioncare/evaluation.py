@@ -88,6 +88,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     check_int_at_least(cfg.batch_size, "batch_size")
     check_int_at_least(cfg.num_workers, "num_workers", minimum=0)
+    bootstrap = cfg.get("bootstrap") or {}
+    resamples = check_int_at_least(bootstrap.get("resamples", 1000), "bootstrap.resamples")
+    level = bootstrap.get("level", 0.95)
+    if not isinstance(level, float) or not 0.0 < level < 1.0:
+        raise ConfigurationError(
+            f"bootstrap.level={level!r} is not allowed; give the intervals' coverage as a "
+            "fraction in (0, 1), e.g. 0.95"
+        )
     device = str(resolve_device(str(cfg.get("device", "auto"))))
     model, config = load_model(ckpt_path, device=device)
     spec = input_spec(model, config)
@@ -126,7 +134,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
 
     metrics = compute_metrics(probs, targets, source_ids, names, split, thresholds)
-    bootstrap = cfg.get("bootstrap") or {}
     metrics.update(
         uncertainty_metrics(
             outcomes_from_probs(
@@ -136,9 +143,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             ),
             [r.group for r in records],
             split,
-            resamples=int(bootstrap.get("resamples", 1000)),
+            resamples=resamples,
             seed=int(bootstrap.get("seed", 0)),
-            level=float(bootstrap.get("level", 0.95)),
+            level=level,
         )
     )
     write_metrics_json(output_dir / "metrics.json", metrics)

@@ -347,7 +347,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_int_at_least(cfg.num_workers, "num_workers", minimum=0)
     device = resolve_device(str(cfg.get("device", "auto")))
     model, spec = load_predictor(str(cfg.ckpt_path), device, explain=bool(cfg.get("explain")))
-    thresholds = QualityThresholds(**cfg.get("quality", {}))
+    thresholds = QualityThresholds.from_config(cfg.get("quality"))
     paths = collect_images(cfg.input)
     if isinstance(model, OnnxNet):
         device = torch.device("cpu")  # onnxruntime takes host arrays; it places the work itself

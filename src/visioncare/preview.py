@@ -131,7 +131,7 @@ def contact_sheet(tiles: Sequence[np.ndarray], captions: Sequence[str]) -> np.nd
 def run_preprocess(cfg: DictConfig) -> dict[str, Any]:
     """The `preprocess` task: photos → `<stem>.png`, `crops.csv`, `contact_sheet.png`."""
     settings = settings_from(cfg)
-    thresholds = QualityThresholds(**cfg.get("quality", {}))
+    thresholds = QualityThresholds.from_config(cfg.get("quality"))
     paths = collect_images(cfg.input)
     out_dir = Path(str(cfg.output_dir)).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)

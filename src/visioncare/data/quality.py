@@ -7,12 +7,15 @@ reader which rows to look at again. How the thresholds were chosen is in `Qualit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
 
 from visioncare.data.fundus import FundusField, crop_to_field, field_mask
+from visioncare.errors import ConfigurationError
 
 ANALYSIS_SIZE = 256  # px: side of the crop the measures are taken on
 OK = "ok"
@@ -48,6 +51,19 @@ class QualityThresholds:
     overexposed_clipped: float = 0.05
     blurred: float = 0.03
     min_diameter: int = 0
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any] | None) -> QualityThresholds:
+        """The `quality.*` keys of a config; an unknown key is a `ConfigurationError`."""
+        values = dict(values or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigurationError(
+                f"quality.{unknown[0]} is not a quality threshold; the keys are "
+                f"{', '.join(f'quality.{k}' for k in known)}"
+            )
+        return cls(**values)
 
 
 @dataclass(frozen=True)
