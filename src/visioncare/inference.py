@@ -176,8 +176,11 @@ class OnnxNet:
         return {task: torch.from_numpy(out) for task, out in zip(TASKS, outputs, strict=True)}
 
 
-def onnx_input_spec(model_path: Path) -> InputSpec:
-    """The `InputSpec` in the `preprocessing.json` that export writes beside `model.onnx`."""
+def onnx_preprocessing(model_path: Path) -> tuple[InputSpec, dict[str, Any]]:
+    """The `InputSpec` and the whole `preprocessing.json` export writes beside `model.onnx`.
+
+    The file also carries the referable operating points chosen on validation.
+    """
     spec_path = model_path.with_name("preprocessing.json")
     if not model_path.is_file():
         raise ConfigurationError(f"ckpt_path={str(model_path)!r} does not exist")
@@ -187,17 +190,23 @@ def onnx_input_spec(model_path: Path) -> InputSpec:
             "`python src/export.py` writes beside model.onnx (copy both together)"
         )
     try:
-        return InputSpec.from_dict(json.loads(spec_path.read_text()))
+        info = json.loads(spec_path.read_text())
+        return InputSpec.from_dict(info), info
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigurationError(
             f"{spec_path} is not a VisionCare preprocessing file ({error}); re-run export"
         ) from None
 
 
+def onnx_input_spec(model_path: Path) -> InputSpec:
+    """The `InputSpec` in the `preprocessing.json` that export writes beside `model.onnx`."""
+    return onnx_preprocessing(model_path)[0]
+
+
 def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec]:
     """`OnnxNet` and the `InputSpec` from the `preprocessing.json` written beside it by export."""
     model_path = Path(path).expanduser()
-    spec = onnx_input_spec(model_path)
+    spec, info = onnx_preprocessing(model_path)
     try:
         net = OnnxNet(model_path, device)
     except ConfigurationError:
@@ -210,7 +219,6 @@ def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec
         raise ConfigurationError(
             f"onnxruntime could not load {model_path}: {error}. Re-run `python src/export.py`."
         ) from None
-    # The referable thresholds chosen on validation travel in the same file (None: not stored).
-    info = json.loads(model_path.with_name("preprocessing.json").read_text())
+    # The referable thresholds chosen on validation (None: not stored).
     net.operating_points = info.get("operating_points")
     return net, spec
