@@ -111,21 +111,23 @@ def off_centre(image, truth):
     return frame, (truth[0] + 540, truth[1] + 250, truth[2])
 
 
+def _shrunk_into_frame(image, truth, side, frame_hw, top, left):
+    """The 706 px photo resized to ``side`` px and placed at (top, left) in a black frame."""
+    frame = np.zeros((*frame_hw, 3), np.uint8)
+    frame[top : top + side, left : left + side] = cv2.resize(
+        image, (side, side), interpolation=cv2.INTER_AREA
+    )
+    f = side / 706
+    return frame, (truth[0] * f + left, truth[1] * f + top, truth[2] * f)
+
+
 def small_in_large_frame(image, truth):
-    small = cv2.resize(image, (300, 300), interpolation=cv2.INTER_AREA)
-    frame = np.zeros((1200, 1600, 3), np.uint8)
-    frame[400:700, 300:600] = small
-    f = 300 / 706
-    return frame, (truth[0] * f + 300, truth[1] * f + 400, truth[2] * f)
+    return _shrunk_into_frame(image, truth, 300, (1200, 1600), top=400, left=300)
 
 
 def tiny_in_huge_frame(image, truth):
     """A 150 px field in a 2000 px frame: found, then re-located on a crop around it."""
-    small = cv2.resize(image, (150, 150), interpolation=cv2.INTER_AREA)
-    frame = np.zeros((1500, 2000, 3), np.uint8)
-    frame[900:1050, 1500:1650] = small
-    f = 150 / 706
-    return frame, (truth[0] * f + 1500, truth[1] * f + 900, truth[2] * f)
+    return _shrunk_into_frame(image, truth, 150, (1500, 2000), top=900, left=1500)
 
 
 def darkened(image, truth):
