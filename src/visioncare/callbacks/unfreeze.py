@@ -23,6 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from visioncare.errors import ConfigurationError
+from visioncare.models.net import UNFREEZE_FRACTIONS
 
 MAX_STAGE = 3
 
@@ -32,11 +33,13 @@ class GradualUnfreezing(Callback):
 
     Args:
         unfreeze_step: epochs per stage; 0 disables (all trainable from the start).
-        fractions: trainable share of backbone blocks (counted from the top) at stages 0..3.
+        fractions: trainable share of backbone blocks (counted from the top) at stages 0..3;
+            the default is the schedule the optimizer's groups are built for (tests may pass
+            others).
     """
 
     def __init__(
-        self, unfreeze_step: int = 5, fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+        self, unfreeze_step: int = 5, fractions: tuple[float, ...] = UNFREEZE_FRACTIONS
     ) -> None:
         if unfreeze_step < 0:
             raise ConfigurationError(f"unfreeze_step must be >= 0, got {unfreeze_step}")

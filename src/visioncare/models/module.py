@@ -21,16 +21,14 @@ from visioncare import IGNORE_INDEX, TASKS
 from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
-from visioncare.models.net import TwoHeadNet
+from visioncare.models.net import UNFREEZE_FRACTIONS, TwoHeadNet
 from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
 from visioncare.utils.rng import capture_rng_state, restore_rng_state
 
-# Backbone chunks by depth: the top 25 % of blocks, the next 25 %, then the rest. They match the
-# stages of `GradualUnfreezing` (stage 1 = top, 2 = + mid, 3 = + rest).
-BACKBONE_CHUNKS: tuple[tuple[str, float, float], ...] = (
-    ("backbone_top", 0.0, 0.25),
-    ("backbone_mid", 0.25, 0.5),
-    ("backbone_rest", 0.5, 1.0),
+# Backbone chunks by depth, one per gradual-unfreezing stage after the first: stage 1 unfreezes
+# `backbone_top` (the top 25 % of blocks), stage 2 adds `backbone_mid`, stage 3 `backbone_rest`.
+BACKBONE_CHUNKS: tuple[tuple[str, float], ...] = tuple(
+    zip(("backbone_top", "backbone_mid", "backbone_rest"), UNFREEZE_FRACTIONS[1:], strict=True)
 )
 
 
@@ -304,8 +302,8 @@ class VisionCareModule(L.LightningModule):
                 "model.optimizer.lr to scale"
             )
         seen: set[int] = set()
-        for (name, _low, high), scale in zip(BACKBONE_CHUNKS, scales, strict=True):
-            chunk = [p for p in self.net.top_blocks(high) if id(p) not in seen]
+        for (name, top_share), scale in zip(BACKBONE_CHUNKS, scales, strict=True):
+            chunk = [p for p in self.net.top_blocks(top_share) if id(p) not in seen]
             seen.update(id(p) for p in chunk)
             group: dict[str, Any] = {"name": name, "params": chunk}
             if scale != 1.0:

@@ -27,6 +27,11 @@ DEFAULT_WEIGHTS_CACHE = Path("~/.cache/visioncare/weights")
 
 PretrainedOption = bool | str  # false, true / "hub", or "offline"
 
+# Trainable share of the backbone's blocks (counted from the top) at gradual-unfreezing stages
+# 0..3. The one definition: `GradualUnfreezing` applies it and `VisionCareModule` builds one
+# optimizer group per step between consecutive shares, so the two can never disagree.
+UNFREEZE_FRACTIONS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+
 
 def normalise_pretrained(pretrained: PretrainedOption) -> str:
     """`model.pretrained` as one of ``"none"``, ``"hub"``, ``"offline"``."""
