@@ -13,7 +13,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCohenKappa,
@@ -47,28 +47,24 @@ class JointAccuracy(Metric):
         return self.correct.float() / self.total
 
 
-class _TaskMetrics(nn.Module):
-    """The metric set of one task (accuracy, macro-F1 and the confusion counts when not ``full``).
+def task_metric_collection(num_classes: int, full: bool = True) -> MetricCollection:
+    """One task's metrics as a torchmetrics `MetricCollection` with compute groups.
 
-    Without ``full`` (training) the inputs are not validated: torchmetrics' checks read values
-    back to the host, a GPU synchronisation at every step.
+    Metrics whose states coincide after the first update share one state and one update
+    (macro-F1 with per-class recall; the confusion matrix with kappa), so a batch costs three
+    updates, not five. Without ``full`` (training: accuracy, macro-F1, confusion counts) inputs
+    are not validated: torchmetrics' checks read values back to the host, a GPU sync per step.
     """
-
-    def __init__(self, num_classes: int, full: bool = True) -> None:
-        super().__init__()
-        kwargs = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX, "validate_args": full}
-        self.acc = MulticlassAccuracy(average="micro", **kwargs)
-        self.f1 = MulticlassF1Score(average="macro", **kwargs)
-        self.confusion = MulticlassConfusionMatrix(**kwargs)
-        if full:
-            self.per_class_acc = MulticlassAccuracy(average=None, **kwargs)
-            self.qwk = MulticlassCohenKappa(weights="quadratic", **kwargs)
-
-    def labelled(self) -> int:
-        """Graded samples seen so far (all DDP ranks together); ungraded (-1) ones are ignored."""
-        if not self.confusion.update_called:
-            return 0
-        return int(self.confusion.compute().sum())
+    kwargs = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX, "validate_args": full}
+    metrics: dict[str, Metric] = {
+        "acc": MulticlassAccuracy(average="micro", **kwargs),
+        "f1": MulticlassF1Score(average="macro", **kwargs),
+        "confusion": MulticlassConfusionMatrix(**kwargs),
+    }
+    if full:
+        metrics["per_class_acc"] = MulticlassAccuracy(average=None, **kwargs)
+        metrics["qwk"] = MulticlassCohenKappa(weights="quadratic", **kwargs)
+    return MetricCollection(metrics, compute_groups=True)
 
 
 class MultiTaskMetrics(nn.Module):
@@ -86,8 +82,15 @@ class MultiTaskMetrics(nn.Module):
         self.split = split
         self.full = full
         self.tasks = dict(tasks or TASKS)
-        self.per_task = nn.ModuleDict({t: _TaskMetrics(n, full) for t, n in self.tasks.items()})
+        self.per_task = nn.ModuleDict(
+            {t: task_metric_collection(n, full) for t, n in self.tasks.items()}
+        )
         self.joint = JointAccuracy()
+
+    @property
+    def update_called(self) -> bool:
+        """Whether anything was added since the last reset."""
+        return self.joint.update_called
 
     def update(self, logits: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
         # No host-side checks here (they would synchronise a GPU every step): ungraded samples
@@ -95,44 +98,41 @@ class MultiTaskMetrics(nn.Module):
         # confusion matrix stayed empty.
         preds = {t: logits[t].argmax(dim=1) for t in self.tasks}
         for task, metrics in self.per_task.items():
-            for metric in metrics.children():
-                metric.update(preds[task], targets[task])
+            metrics.update(preds[task], targets[task])
         self.joint.update(preds, targets)
 
     def compute(self) -> dict[str, float]:
         """Flat `{split}/{metric}_{task}` → value (NaN for a task without labels)."""
         split, out = self.split, {}
         accs = []
+        nan = float("nan")
         for task, metrics in self.per_task.items():
-            # How many graded images the split's metrics cover (all ranks together under DDP).
-            count = metrics.labelled()
+            values = metrics.compute()  # synchronised over DDP ranks by torchmetrics
+            # How many graded images the split's metrics cover (all ranks together).
+            count = int(values["confusion"].sum())
             labelled = count > 0
-            nan = float("nan")
-            acc = float(metrics.acc.compute()) if labelled else nan
+            acc = float(values["acc"]) if labelled else nan
             out[f"{split}/acc_{task}"] = acc
-            out[f"{split}/f1_{task}"] = float(metrics.f1.compute()) if labelled else nan
+            out[f"{split}/f1_{task}"] = float(values["f1"]) if labelled else nan
             if self.full:
-                qwk = _finite_kappa(metrics.qwk.compute()) if labelled else nan
-                out[f"{split}/qwk_{task}"] = qwk
-                per_class = metrics.per_class_acc.compute() if labelled else None
+                out[f"{split}/qwk_{task}"] = _finite_kappa(values["qwk"]) if labelled else nan
                 for k in range(self.tasks[task]):
-                    value = float(per_class[k]) if per_class is not None else nan
+                    value = float(values["per_class_acc"][k]) if labelled else nan
                     out[f"{split}/per_class_acc_{task}_{k}"] = value
             if labelled:
                 accs.append(acc)
             out[f"{split}/num_{task}"] = float(count)
-        out[f"{split}/avg_acc"] = sum(accs) / len(accs) if accs else float("nan")
+        out[f"{split}/avg_acc"] = sum(accs) / len(accs) if accs else nan
         out[f"{split}/joint_acc"] = float(self.joint.compute())
         return out
 
     def confusion_matrices(self) -> dict[str, Tensor]:
         """Task → (C, C) confusion matrix, rows = true grade, columns = predicted grade."""
-        return {t: m.confusion.compute().cpu() for t, m in self.per_task.items()}
+        return {t: m["confusion"].compute().cpu() for t, m in self.per_task.items()}
 
     def reset(self) -> None:
         for metrics in self.per_task.values():
-            for metric in metrics.children():
-                metric.reset()
+            metrics.reset()
         self.joint.reset()
 
 
