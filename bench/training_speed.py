@@ -151,7 +151,6 @@ def bench_config(tmp: Path, args: argparse.Namespace, batches: int) -> list[str]
 def plain_loader(cfg, device: torch.device) -> torch.utils.data.DataLoader:
     """The project's own training DataLoader (same cache, augmentation, workers), no Trainer."""
     datamodule: FundusDataModule = instantiate(cfg.data)
-    datamodule.set_normalization(TwoHeadNet(cfg.model.backbone).data_config)
     datamodule.pin_memory = device.type == "cuda"
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -48,6 +48,17 @@ def test_effv2s_uses_its_own_normalisation():
     assert logits["dr"].shape == (2, 5) and logits["dme"].shape == (2, 3)
 
 
+@pytest.mark.parametrize("preset", ["effv2s", "lite0", "tiny"])
+def test_data_normalisation_defaults_to_the_backbones_own(make_cfg, preset):
+    """`data.mean/std` resolve from model.backbone in the config: the model hands nothing over."""
+    cfg = make_cfg(f"model={preset}")
+    expected = TwoHeadNet(cfg.model.backbone).data_config
+    assert tuple(cfg.data.mean) == tuple(expected["mean"])
+    assert tuple(cfg.data.std) == tuple(expected["std"])
+    overridden = make_cfg(f"model={preset}", "data.mean=[0.1,0.2,0.3]")
+    assert list(overridden.data.mean) == [0.1, 0.2, 0.3]
+
+
 def test_pretrained_offline_names_both_ways_out(monkeypatch):
     # Offline at once (read at import time, hence the constant): without it the blocked network
     # costs ~45 s of retries before the same error.

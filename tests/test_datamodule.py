@@ -56,6 +56,7 @@ def test_missing_and_corrupt_images_are_reported_together(tmp_path):
         _module(root, tmp_path / "cache").prepare_data()
     skipping = _module(root, tmp_path / "cache", on_bad_image="skip")
     skipping.prepare_data()
+    skipping.setup("fit")
     assert sum(len(v) for k, v in skipping.splits.items() if k != "test") == 5
 
 
@@ -87,14 +88,14 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
 
 
 def test_sampler_order_is_reproducible_and_sharded():
-    sampler = EpochSeededSampler(10, seed=1)
+    sampler = EpochSeededSampler(range(10), num_replicas=1, rank=0, seed=1)
     sampler.set_epoch(2)
     first = list(sampler)
     assert first == list(sampler) and sorted(i for _, i in first) == list(range(10))
     assert all(epoch == 2 for epoch, _ in first)
     sampler.set_epoch(3)
     assert [i for _, i in sampler] != [i for _, i in first]
-    shards = [list(EpochSeededSampler(10, seed=1, rank=r, world_size=3)) for r in range(3)]
+    shards = [list(EpochSeededSampler(range(10), num_replicas=3, rank=r, seed=1)) for r in range(3)]
     assert {len(s) for s in shards} == {4}  # equal length on every rank
     assert {i for shard in shards for _, i in shard} == set(range(10))
 

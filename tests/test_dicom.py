@@ -177,6 +177,7 @@ def test_training_data_can_be_dicom(tmp_path, make_cfg, photo):
     cfg = make_cfg("data=csv", f"data.root={root}", f"paths.cache_dir={tmp_path / 'cache'}")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
+    datamodule.setup("fit")
     assert len(datamodule.cached) == 10
     cached = np.load(next(iter(datamodule.cached.values())))
     assert cached.shape == (72, 72, 3)

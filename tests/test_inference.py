@@ -22,7 +22,9 @@ def test_checkpoint_rebuilds_model_and_preprocessing(make_cfg):
     assert spec.image_size == 64 and spec.preprocess.size == 72
     # The same tensor the validation loader builds for an image.
     dm: FundusDataModule = instantiate(cfg.data)
-    dm.set_normalization(model.net.data_config)
+    # The config's default normalisation is the backbone's, without the model handing it over.
+    assert dm.mean == spec.mean == tuple(model.net.data_config["mean"])
+    assert dm.std == spec.std == tuple(model.net.data_config["std"])
     dm.prepare_data()
     dm.setup("fit")
     record = dm.splits["val"][0]

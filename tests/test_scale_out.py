@@ -142,7 +142,6 @@ def test_padding_samples_are_ungraded(make_cfg):
 
     cfg = make_cfg()
     datamodule = instantiate(cfg.data)
-    datamodule.set_normalization({"mean": (0.5,) * 3, "std": (0.5,) * 3})
     datamodule.setup("fit")
     dataset = datamodule.datasets["val"]
     real, padded = dataset[(0, 0, False)], dataset[(0, 0, True)]

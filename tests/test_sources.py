@@ -242,8 +242,8 @@ def test_eyepacs_patients_never_span_splits(tmp_path, make_cfg):
     assert (record.patient, record.laterality) == ("10", "R")
     cfg = make_cfg("data=eyepacs", f"data.root={root}")
     dm = instantiate(cfg.data)
-    dm.set_normalization({"mean": (0.5,) * 3, "std": (0.5,) * 3})
     dm.prepare_data()
+    dm.setup("fit")
     patients = {s: {r.patient for r in rs} for s, rs in dm.splits.items()}
     assert patients["train"] and patients["val"] and patients["test"]
     assert not patients["train"] & patients["val"]
@@ -528,7 +528,6 @@ def test_data_config_composes_and_sets_up(tmp_path, make_cfg, dataset):
     tree = build(tmp_path / dataset)
     cfg = make_cfg(f"data={dataset}", f"data.root={tree}")
     dm = instantiate(cfg.data)
-    dm.set_normalization({"mean": (0.5,) * 3, "std": (0.5,) * 3})
     dm.prepare_data()
     dm.setup("fit")
     assert dm.sizes() == {"num_train": 6, "num_val": 2, "num_test": 2}

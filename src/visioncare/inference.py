@@ -1,17 +1,18 @@
 """Rebuild a trained model and its preprocessing from a checkpoint, or from an ONNX export.
 
 Evaluation, prediction and export never consult today's config defaults: the checkpoint carries
-the composed run config (`visioncare_config`) and the backbone's data config, so a model trained
-with `model=tiny` or any other backbone, image size or crop setting is rebuilt exactly. An
-exported `model.onnx` travels with `preprocessing.json`, which plays the same role for
-`OnnxNet`, the onnxruntime stand-in for the network.
+the module's constructor arguments (Lightning's `hyper_parameters`), the input spec it was
+trained on (`visioncare_input`, see `visioncare.data.input_spec`) and the composed run config
+(`visioncare_config`, for the loss and the dataset), so a model trained with `model=tiny` or any
+other backbone, image size or crop setting is rebuilt exactly. An exported `model.onnx` travels
+with `preprocessing.json`, which plays the same role for `OnnxNet`, the onnxruntime stand-in for
+the network.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,99 +22,46 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from visioncare import TASKS
-from visioncare.data.fundus import LOCALISATION_VERSION
-from visioncare.data.preprocess import Prepared, PreprocessConfig, default_cache_size, prepare
+from visioncare.data.input_spec import InputSpec
+from visioncare.data.preprocess import Prepared, prepare
 from visioncare.data.quality import QualityThresholds
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
 from visioncare.models.module import VisionCareModule
-from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
-from visioncare.utils.checkpoints import check_visioncare_checkpoint
+from visioncare.utils.checkpoints import RUN_CONFIG_KEY, check_visioncare_checkpoint
 
 log = logging.getLogger("visioncare")
 
-FUNDUS_CROP = (
-    "locate the fundus field as a circle plus straight top/bottom cuts "
-    "(visioncare.data.fundus.locate_fundus), take the square around the circle (padding "
-    "beyond the photo black), resize to preprocess.size, black out everything outside the "
-    "field; a photo without a field is padded whole to a square"
-)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the network expects: preprocessing (crop, cache size) then resize + normalise."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    preprocess: PreprocessConfig
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "preprocess": self.preprocess.as_dict(),
-            "fundus_crop": FUNDUS_CROP if self.preprocess.crop_fundus else "none: pad to square",
-            "channel_order": "RGB",
-            "layout": "NCHW",
-            "scale": "pixel / 255, then (x - mean) / std",
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> InputSpec:
-        """The inverse of `as_dict` (extra keys, such as the export's output names, ignored)."""
-        found = values["preprocess"].get("localisation")
-        if found != LOCALISATION_VERSION:
-            # Older exports cropped to a bounding box; that code is gone, so say what changed.
-            log.warning(
-                "preprocessing.json was written with fundus localisation %r; this version "
-                "crops with %r. Predictions may differ slightly from the exported model's "
-                "validation; re-export to record the current one.",
-                found or "bounding box",
-                LOCALISATION_VERSION,
-            )
-        return cls(
-            image_size=int(values["image_size"]),
-            mean=tuple(float(v) for v in values["mean"]),
-            std=tuple(float(v) for v in values["std"]),
-            preprocess=PreprocessConfig.from_dict(values["preprocess"]),
-        )
-
-
 def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[VisionCareModule, dict]:
-    """The trained `VisionCareModule` (eval mode) and the run config stored with it."""
+    """The trained `VisionCareModule` (eval mode) and the run config stored with it.
+
+    The module's `on_load_checkpoint` restores what travels with the weights: the input spec,
+    the weights' provenance and the referable operating points.
+    """
     checkpoint = check_visioncare_checkpoint(ckpt_path)
-    config = checkpoint.get("visioncare_config") or {}
+    config = checkpoint.get(RUN_CONFIG_KEY) or {}
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     # The weights come from the checkpoint: never download or read the original weights again.
     hparams.update(pretrained=False, weights_path=None)
     loss = instantiate(OmegaConf.create(config["loss"])) if "loss" in config else None
     model = VisionCareModule(**hparams, loss=loss)
     model.load_state_dict(checkpoint["state_dict"])
-    model.run_config = config
-    model.operating_points = checkpoint.get(OPERATING_POINTS_KEY)
+    model.on_load_checkpoint(checkpoint)
     return model.eval().to(device), config
 
 
-def input_spec(model: VisionCareModule, config: dict) -> InputSpec:
-    """The preprocessing the checkpoint was trained with (falls back to the backbone's)."""
-    data = config.get("data", {})
-    mean = data.get("mean") or model.net.data_config["mean"]
-    std = data.get("std") or model.net.data_config["std"]
-    image_size = int(data.get("image_size", model.net.data_config["input_size"][-1]))
-    return InputSpec(
-        image_size=image_size,
-        mean=tuple(float(v) for v in mean),
-        std=tuple(float(v) for v in std),
-        preprocess=PreprocessConfig(
-            # null in the run config = derived from image_size, exactly as the datamodule did.
-            size=int(data.get("cache_size", image_size) or default_cache_size(image_size)),
-            crop_fundus=bool(data.get("crop_fundus", True)),
-            ben_graham=bool(data.get("ben_graham", False)),
-        ),
-    )
+def input_spec(model: VisionCareModule, config: dict | None = None) -> InputSpec:
+    """The preprocessing ``model`` was trained with, as recorded in its checkpoint.
+
+    ``config`` is unused by current checkpoints; it is kept for callers that pass the run
+    config along.
+    """
+    if model.input_spec is None:
+        raise ConfigurationError(
+            "the model carries no input spec; load it from a VisionCare checkpoint "
+            "(visioncare.inference.load_model)"
+        )
+    return model.input_spec
 
 
 class ImagePreprocessor:

@@ -1,8 +1,9 @@
 """The training task behind `src/train.py`: seed, build, fit, test on best.ckpt, report.
 
-Order (as in lightning-hydra-template): seed → model → datamodule (checked and cached before any
-training step) → callbacks, loggers, trainer → fit → test once with `best.ckpt` → summary.json,
-plots, TensorBoard hparams, a printed table. Returns the metrics so sweeps can optimise one.
+Order (as in lightning-hydra-template): seed → model, datamodule, callbacks, loggers, trainer,
+all from the composed config → fit (Lightning runs the datamodule's `prepare_data`, which checks
+and caches the data before any training step) → test once with `best.ckpt` → summary.json, plots,
+TensorBoard hparams, a printed table. Returns the metrics so sweeps can optimise one.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from visioncare.callbacks import BestAverageAccuracy
+from visioncare.callbacks import BestAverageAccuracy, RunConfigRecord
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import predict as predict_probabilities
-from visioncare.inference import input_spec, load_model
+from visioncare.inference import load_model
 from visioncare.models.net import normalise_pretrained
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.prediction import gradcam_examples
@@ -81,7 +82,7 @@ def log_gradcam_to_tensorboard(
     records = datamodule.splits.get("val", [])[:count]
     if not records:
         return
-    spec = input_spec(model, model.run_config or {})
+    spec = datamodule.input_spec()
     paths = [r.image for r in records]
     written = gradcam_examples(model, spec, paths, output_dir / "plots" / "gradcam")
     for logger in loggers:
@@ -207,20 +208,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     log.info("Building model <%s>", cfg.model.backbone)
     model = instantiate(cfg.model, loss=instantiate(cfg.loss))
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
-
     datamodule = instantiate(cfg.data)
-    datamodule.set_normalization(model.net.data_config)
     random_weights = normalise_pretrained(cfg.model.pretrained) == "none"
     if random_weights and not cfg.model.weights_path and not datamodule.is_synthetic:
         log.warning(RANDOM_WEIGHTS_WARNING)
-    # Validate, generate and cache now: bad input fails here, before any checkpoint exists.
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    log.info("Data %s: %s", datamodule.source.name, datamodule.sizes())
-    model.configure_sources(datamodule.source_names)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks.append(RunConfigRecord(OmegaConf.to_container(cfg, resolve=True)))
     best_cb = next((c for c in callbacks if isinstance(c, BestAverageAccuracy)), None)
     if ckpt_path and best_cb is not None:
         best_file = best_cb.dirpath / best_cb.filename

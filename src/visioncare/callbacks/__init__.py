@@ -1,6 +1,6 @@
 """Lightning callbacks: gradual unfreezing, checkpoint selection, per-epoch statistics."""
 
-from visioncare.callbacks.checkpoint import BestAverageAccuracy, LastCheckpoint
+from visioncare.callbacks.checkpoint import BestAverageAccuracy, LastCheckpoint, RunConfigRecord
 from visioncare.callbacks.epoch_stats import EpochMetricsCSV, EpochStats
 from visioncare.callbacks.unfreeze import GradualUnfreezing
 
@@ -10,4 +10,5 @@ __all__ = [
     "EpochStats",
     "GradualUnfreezing",
     "LastCheckpoint",
+    "RunConfigRecord",
 ]

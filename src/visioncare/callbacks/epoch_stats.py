@@ -4,7 +4,11 @@
 `memory/rss_mb` (peak resident memory of the process) and, on GPU, `memory/gpu_peak_mb` (peak of
 tensors allocated) and `memory/gpu_reserved_mb` (peak held by PyTorch's caching allocator).
 `EpochMetricsCSV` writes every epoch-level scalar Lightning has collected as one row of
-`metrics.csv`; it must come after `EpochStats` in the callback list so the row includes them.
+`metrics.csv`, plus `lr` (the heads' group, the run's reference rate) as the epoch trained with it.
+
+Every epoch value — these statistics, the module's training losses and metrics — is logged
+after the epoch's last training batch, so Lightning has reduced all of it before any
+`on_train_epoch_end` hook runs: the row is complete whatever the order of the callbacks.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from visioncare.utils.loops import epoch_ends_after
 
 # The contract's columns first, in this order; anything else logged follows alphabetically.
 LEADING_COLUMNS = (
@@ -56,35 +62,46 @@ def peak_rss_mb() -> float:
 
 
 class EpochStats(Callback):
-    """Log the training part's wall time and the peak memory of every epoch."""
+    """Log the training part's wall time and the peak memory of every epoch.
+
+    Logged after the epoch's last training batch, before validation starts, so the time is the
+    training part alone.
+    """
 
     def __init__(self) -> None:
         self._start: float | None = None
-        self._train_seconds: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._train_seconds = time.perf_counter(), None
+        self._start = time.perf_counter()
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
-    def _stop_clock(self) -> None:
-        if self._start is not None and self._train_seconds is None:
-            self._train_seconds = time.perf_counter() - self._start
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._stop_clock()
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._start is not None and epoch_ends_after(trainer, batch_idx):
+            self._log(pl_module, time.perf_counter() - self._start)
+            self._start = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_clock()
-        pl_module.log("time/epoch_s", float(self._train_seconds or 0.0), on_epoch=True)
-        pl_module.log("memory/rss_mb", peak_rss_mb(), on_epoch=True)
+        if self._start is not None:  # the epoch ended before its planned last batch
+            self._log(pl_module, time.perf_counter() - self._start)
+            self._start = None
+
+    def _log(self, pl_module: L.LightningModule, seconds: float) -> None:
+        pl_module.log("time/epoch_s", float(seconds), on_step=False, on_epoch=True)
+        pl_module.log("memory/rss_mb", peak_rss_mb(), on_step=False, on_epoch=True)
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-            pl_module.log("memory/gpu_peak_mb", peak, on_epoch=True)
+            pl_module.log("memory/gpu_peak_mb", peak, on_step=False, on_epoch=True)
             # What the caching allocator held (closer to nvidia-smi, less the CUDA context).
             reserved = torch.cuda.max_memory_reserved(pl_module.device) / 2**20
-            pl_module.log("memory/gpu_reserved_mb", reserved, on_epoch=True)
+            pl_module.log("memory/gpu_reserved_mb", reserved, on_step=False, on_epoch=True)
 
 
 class EpochMetricsCSV(Callback):
@@ -100,6 +117,7 @@ class EpochMetricsCSV(Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] | None = None
+        self._lr: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows = None
@@ -115,14 +133,19 @@ class EpochMetricsCSV(Callback):
                     r for r in csv.DictReader(handle) if int(r["epoch"]) < trainer.current_epoch
                 ]
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # The LR the epoch trains with (the scheduler steps at epoch ends); read at the first
+        # batch, after every epoch-start hook. `LearningRateMonitor` logs all groups to the
+        # loggers; this is the CSV's copy of the first (heads') group.
+        if batch_idx == 0 and trainer.optimizers:
+            self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The module logs its training-epoch values only when asked (or in its own epoch-end
-        # hook, which Lightning runs after this one): ask now, or the row would carry the
-        # previous epoch's train/* values.
-        log_train_epoch = getattr(pl_module, "log_train_epoch", None)
-        if callable(log_train_epoch):
-            log_train_epoch()
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
+        if self._lr is not None:
+            row["lr"] = self._lr
         for name, value in trainer.callback_metrics.items():
             if name.startswith("test/") or not hasattr(value, "numel") or value.numel() != 1:
                 continue

@@ -3,6 +3,11 @@
 A new dataset is a new `DatasetSource`; nothing here changes. The validation split is carved out of
 the training split (stratified on the joint DR/DME label, seeded by `data.split_seed`) unless the
 source ships one; model selection never sees test images.
+
+Lightning drives it: `prepare_data` (once per node, before any process trains) generates or checks
+the dataset and builds the preprocessing cache, so bad input fails before the first step;
+`setup` (every process) reads the records and the cache and builds the splits' datasets. The
+module learns what it needs (source names, the input spec) from here through its trainer.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
 from visioncare.data.cache import PreprocessedCache
-from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, FundusDataset
+from visioncare.data.dataset import (
+    BalancedEpochSampler,
+    EpochSeededSampler,
+    EvalShardSampler,
+    FundusDataset,
+)
+from visioncare.data.input_spec import InputSpec
 from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig, default_cache_size
 from visioncare.data.records import Record, stratified_split, with_dicom_identity
@@ -49,7 +60,8 @@ class FundusDataModule(L.LightningDataModule):
         cache_dir: where preprocessed images are stored.
         crop_fundus, ben_graham: preprocessing options (see `PreprocessConfig`).
         augment: training augmentation strengths (see `AugmentConfig`).
-        mean, std: input normalisation; None = take them from the backbone (`set_normalization`).
+        mean, std: input normalisation (the config's default resolves to the backbone's timm
+            mean/std, see `visioncare.models.net.backbone_normalization`).
         on_bad_image: ``error`` stops before training on undecodable images; ``skip`` drops them.
         pin_memory: None = on when training on a GPU.
         balance_classes: sample training images with replacement, weighted by the inverse
@@ -98,6 +110,11 @@ class FundusDataModule(L.LightningDataModule):
                 f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}"
             )
         self.source = _make_source(source, root, source_options)
+        if mean is None or std is None:
+            raise ConfigurationError(
+                "data.mean and data.std must be set: leave the default "
+                "(the backbone's statistics, from model.backbone) or give three values each"
+            )
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -113,7 +130,8 @@ class FundusDataModule(L.LightningDataModule):
             if "crop_scale" in values:
                 values["crop_scale"] = tuple(values["crop_scale"])
             self.augment = AugmentConfig(**values)
-        self.mean, self.std = mean, std
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
         self.on_bad_image = on_bad_image
         self.pin_memory = pin_memory
         self.balance_classes = balance_classes
@@ -126,26 +144,25 @@ class FundusDataModule(L.LightningDataModule):
     def is_synthetic(self) -> bool:
         return self.source.is_synthetic
 
-    def set_normalization(self, data_config: dict[str, Any]) -> None:
-        """Adopt the backbone's timm mean/std unless the config set them explicitly."""
-        if self.mean is None:
-            self.mean = tuple(data_config["mean"])
-        if self.std is None:
-            self.std = tuple(data_config["std"])
+    def input_spec(self) -> InputSpec:
+        """What the network is fed: preprocessing, resize and normalisation (for checkpoints)."""
+        return InputSpec(self.image_size, self.mean, self.std, self.preprocess)
 
-    # ------------------------------------------------------------------ preparation (rank 0)
+    # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
-        """Generate/check the dataset and build the cache once, before any process trains."""
-        self._load_and_cache()
+        """Generate/check the dataset and build the cache (Lightning: once per node).
 
-    def _load_and_cache(self) -> None:
-        if self.splits:
-            return
+        Holds no state: Lightning runs it in one process per node, and `setup` runs in all.
+        """
+        self._load_checked()
+
+    def _load_checked(self) -> tuple[dict[str, list[Record]], dict[Path, Path]]:
+        """The source's validated records per split and the cache file of every image."""
         # One process at a time renders/validates/caches; the others then find it all done.
         with exclusive_preparation(self.cache.root):
-            self._load_and_cache_unlocked()
+            return self._load_checked_unlocked()
 
-    def _load_and_cache_unlocked(self) -> None:
+    def _load_checked_unlocked(self) -> tuple[dict[str, list[Record]], dict[Path, Path]]:
         # DICOM headers name the patient and eye where the source could not.
         loaded = {split: with_dicom_identity(r) for split, r in self.source.load().items()}
         validate_records(loaded, self.source.name)
@@ -162,9 +179,7 @@ class FundusDataModule(L.LightningDataModule):
                 )
             log.warning("Skipping %d undecodable image(s):\n%s", len(errors), "\n".join(problems))
             loaded = {s: [r for r in rs if r.image not in errors] for s, rs in loaded.items()}
-        self.cached = cached
-        self.splits = self._split_validation(loaded)
-        self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
+        return loaded, cached
 
     def _split_validation(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
         """Carve validation out of training, per source, for the sources that ship none.
@@ -183,11 +198,12 @@ class FundusDataModule(L.LightningDataModule):
         return {**loaded, "train": train, "val": val}
 
     def setup(self, stage: str | None = None) -> None:
-        self._load_and_cache()
-        if self.mean is None or self.std is None:
-            raise ConfigurationError(
-                "data.mean/data.std are unset; call set_normalization(net.data_config) first"
-            )
+        """Splits and datasets (every process; the records are read once per datamodule)."""
+        if not self.splits:
+            loaded, self.cached = self._load_checked()
+            self.splits = self._split_validation(loaded)
+            self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
+            log.info("Data %s: %s", self.source.name, self.sizes())
         train_tf = build_train_transform(self.image_size, self.mean, self.std, self.augment)
         eval_tf = build_eval_transform(self.image_size, self.mean, self.std)
         for split, records in self.splits.items():
@@ -241,11 +257,14 @@ class FundusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
-        records = self.splits["train"]
-        weights = balanced_weights(records) if self.balance_classes else None
-        sampler = EpochSeededSampler(
-            len(records), seed=self.seed, shuffle=True, rank=rank, world_size=world, weights=weights
-        )
+        dataset = self.datasets["train"]
+        if self.balance_classes:
+            weights = balanced_weights(self.splits["train"])
+            sampler: Sampler = BalancedEpochSampler(
+                dataset, weights, num_replicas=world, rank=rank, seed=self.seed
+            )
+        else:
+            sampler = EpochSeededSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
         return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,4 +1,4 @@
-"""Map-style dataset over cached images, and a sampler that makes the data order reproducible.
+"""Map-style dataset over cached images, and samplers that make the data order reproducible.
 
 Each training sample's augmentation is a pure function of (seed, epoch, index) and the shuffle
 order of (seed, epoch): a resumed run sees the same images in the same order, augmented the same
@@ -15,7 +15,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from visioncare import IGNORE_INDEX
 from visioncare.data.cache import load_cached
@@ -103,55 +103,46 @@ class EvalShardSampler(Sampler[tuple[int, int, bool]]):
             yield 0, position % self.num_samples, padding
 
 
-class EpochSeededSampler(Sampler[tuple[int, int]]):
-    """Shuffles with a permutation drawn from (seed, epoch) and yields ``(epoch, index)``.
+class EpochSeededSampler(DistributedSampler):
+    """torch's `DistributedSampler` (shuffle by seed + epoch, equal shards per rank) that yields
+    ``(epoch, index)``.
 
-    Shards across DDP ranks itself (every rank gets the same number of samples, wrapping around
-    as `DistributedSampler` does, so no rank waits on another), which is why the Trainer runs
-    with ``use_distributed_sampler=False``. Lightning calls `set_epoch` before every epoch.
+    The epoch travels with the index so a persistent worker's dataset copy seeds the sample's
+    augmentation with the right epoch (`sample_seed`); Lightning calls `set_epoch` before every
+    epoch. The datamodule builds it with the trainer's rank and world size, so the Trainer runs
+    with ``use_distributed_sampler=False``.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class BalancedEpochSampler(EpochSeededSampler):
+    """`EpochSeededSampler` drawing with replacement, P(sample) ∝ its weight (class balancing).
+
+    The draw is a pure function of (seed, epoch), like the shuffle it replaces, so a resumed run
+    sees the same samples; every rank takes its strided share of one shared draw.
 
     Args:
-        num_samples: dataset length.
-        seed: shuffle seed.
-        shuffle: draw a new permutation each epoch (False: dataset order).
-        rank, world_size: this process's shard.
-        weights: optional per-sample weights for sampling with replacement (class balancing).
+        dataset: the training dataset.
+        weights: one non-negative weight per sample.
+        num_replicas, rank, seed: as for `DistributedSampler`.
     """
 
     def __init__(
         self,
-        num_samples: int,
-        seed: int = 0,
-        shuffle: bool = True,
+        dataset: Dataset,
+        weights: Sequence[float],
+        num_replicas: int = 1,
         rank: int = 0,
-        world_size: int = 1,
-        weights: Sequence[float] | None = None,
+        seed: int = 0,
     ) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.world_size)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.weights is not None:
-            probabilities = self.weights / self.weights.sum()
-            order = rng.choice(self.num_samples, size=self.num_samples, p=probabilities)
-        elif self.shuffle:
-            order = rng.permutation(self.num_samples)
-        else:
-            order = np.arange(self.num_samples)
-        total = len(self) * self.world_size
-        if total > len(order):
-            order = np.concatenate([order, order[: total - len(order)]])
-        for index in order[self.rank : total : self.world_size]:
-            yield self.epoch, int(index)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.total_size, True, generator=generator)
+        for index in draw[self.rank : self.total_size : self.num_replicas].tolist():
+            yield self.epoch, index

@@ -18,11 +18,14 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from visioncare import IGNORE_INDEX, TASKS
+from visioncare.data.input_spec import CHECKPOINT_KEY as INPUT_SPEC_KEY
+from visioncare.data.input_spec import InputSpec, legacy_input_spec
 from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import UNFREEZE_FRACTIONS, TwoHeadNet
 from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
+from visioncare.utils.loops import epoch_ends_after
 from visioncare.utils.rng import capture_rng_state, restore_rng_state
 
 # Backbone chunks by depth, one per gradual-unfreezing stage after the first: stage 1 unfreezes
@@ -100,17 +103,24 @@ class VisionCareModule(L.LightningModule):
         )
         self.val_metrics = MultiTaskMetrics("val")
         self.test_metrics = MultiTaskMetrics("test")
-        # Per-dataset val/test metrics when several sources train together (`configure_sources`).
+        # Per-dataset val/test metrics when several sources train together (built in `setup`
+        # from the datamodule's source names).
         self.source_names: list[str] = []
         self.source_metrics = nn.ModuleDict()
         # Filled at each val/test epoch end: split → task → confusion matrix (for plots/reports).
         self.confusion: dict[str, dict[str, Tensor]] = {}
-        # The composed run config (plain dict), stored in every checkpoint for eval/predict.
-        self.run_config: dict[str, Any] | None = None
+        # The inputs the network is trained on: the datamodule's at every checkpoint save, the
+        # checkpoint's after loading one (read by eval, predict and export).
+        self.input_spec: InputSpec | None = None
         # Task → referable threshold chosen on validation (`visioncare.referral`), set after fit.
         self.operating_points: dict[str, dict[str, Any]] | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    def setup(self, stage: str) -> None:
+        """Learn the datasets from the trainer's datamodule: per-source metrics if several."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.configure_sources(getattr(datamodule, "source_names", []))
 
     def configure_sources(self, names: list[str]) -> None:
         """Report val/test metrics per dataset as well (`val/<source>/acc_dr`) if several."""
@@ -190,9 +200,9 @@ class VisionCareModule(L.LightningModule):
     ) -> None:
         """Add a training batch to the epoch's running means and metrics, on the device.
 
-        Nothing is logged per step: each `self.log` call costs about 0.5 ms of Python, and ten
-        of them per step were the largest part of the framework's overhead over a plain loop.
-        `log_train_epoch` logs the epoch's values once, when it ends.
+        Nothing is logged per step: a `self.log` call per value and step was the largest part
+        of the framework's overhead over a plain loop (bench/training_speed.py). The epoch's
+        values are logged once, after its last batch (`on_train_batch_end`).
         """
         losses = {"loss": total, **{f"loss_{t}": v for t, v in task_losses.items()}}
         for name, value in losses.items():
@@ -201,12 +211,12 @@ class VisionCareModule(L.LightningModule):
             self.train_losses[name].update(value.detach().expand(batch_size))
         self.train_metrics.update(logits, targets)
 
-    def log_train_epoch(self) -> None:
+    def _log_train_epoch(self) -> None:
         """Log the epoch's mean losses, metrics and task sigmas once, then reset them.
 
-        Called by `EpochMetricsCSV` before it writes the epoch's row (callbacks' epoch-end hooks
-        run before the LightningModule's) and by `on_train_epoch_end`; the second call of an
-        epoch finds nothing to log.
+        Runs after the epoch's last batch, still inside the training loop, so Lightning reduces
+        the values before any `on_train_epoch_end` hook (`EpochMetricsCSV` reads them there).
+        A no-op when nothing was accumulated (already logged this epoch).
         """
         if not self.train_losses["loss"].update_called:
             return
@@ -228,10 +238,16 @@ class VisionCareModule(L.LightningModule):
         # check still comes before the epoch's checkpoints could store diverged weights.
         finite = torch.stack([torch.isfinite(v.detach()) for v in (total, *task_losses.values())])
         self._finite = finite if self._finite is None else self._finite & finite
-        last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
-        if last or (batch_idx + 1) % self.nonfinite_check_every == 0:
+        if self._is_last_batch(batch_idx) or (batch_idx + 1) % self.nonfinite_check_every == 0:
             self._raise_if_diverged(batch_idx, list(task_losses))
         return total
+
+    def _is_last_batch(self, batch_idx: int) -> bool:
+        return self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._trainer is not None and epoch_ends_after(self.trainer, batch_idx):
+            self._log_train_epoch()
 
     def _raise_if_diverged(self, batch_idx: int, tasks: list[str]) -> None:
         """Raise `TrainingDivergedError` if a loss since the last check was NaN or infinite."""
@@ -257,11 +273,11 @@ class VisionCareModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Callbacks' epoch-start hooks run first: the unfreezing stage of this epoch is set.
         self.maybe_compile()
-        # The heads' group is first: its LR is the run's reference learning rate.
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
-        self.log_train_epoch()  # a no-op if EpochMetricsCSV already did it this epoch
+        # Normally a no-op: the values were logged after the last batch. An epoch that ended
+        # before its planned last batch still gets them logged here.
+        self._log_train_epoch()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
@@ -275,15 +291,15 @@ class VisionCareModule(L.LightningModule):
         self.confusion[split] = metrics.confusion_matrices()
         metrics.reset()
         for key, per_source in self.source_metrics.items():
-            if key.startswith(f"{split}__") and per_source.joint.update_called:
+            if key.startswith(f"{split}__") and per_source.update_called:
                 source_values = per_source.compute()  # counts synchronised over DDP ranks
                 per_source.reset()
                 if any(v > 0 for k, v in source_values.items() if "/num_" in k):
                     values.update(source_values)  # a source absent from the split: no keys
-        prog = {f"{split}/avg_acc", f"{split}/acc_dr", f"{split}/acc_dme"}
-        for name, value in values.items():
-            # Values are already synchronised by torchmetrics across DDP ranks.
-            self.log(name, value, prog_bar=name in prog and split != "train")
+        # Values are already synchronised by torchmetrics across DDP ranks.
+        headline = {f"{split}/avg_acc", f"{split}/acc_dr", f"{split}/acc_dme"}
+        self.log_dict({k: v for k, v in values.items() if k in headline}, prog_bar=True)
+        self.log_dict({k: v for k, v in values.items() if k not in headline})
 
     # ----------------------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -323,9 +339,11 @@ class VisionCareModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:
-            checkpoint["visioncare_config"] = self.run_config
-        checkpoint["visioncare_data_config"] = _plain(self.net.data_config)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if callable(getattr(datamodule, "input_spec", None)):
+            self.input_spec = datamodule.input_spec()
+        if self.input_spec is not None:
+            checkpoint[INPUT_SPEC_KEY] = self.input_spec.as_dict()
         # Which weights training started from (package + sha256, hub id, file or random).
         checkpoint["visioncare_weights"] = dict(self.net.weights_provenance)
         if self.operating_points:
@@ -334,18 +352,13 @@ class VisionCareModule(L.LightningModule):
         checkpoint["visioncare_rng"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = checkpoint.get("visioncare_config", self.run_config)
+        if INPUT_SPEC_KEY in checkpoint:
+            self.input_spec = InputSpec.from_dict(checkpoint[INPUT_SPEC_KEY])
+        else:
+            self.input_spec = legacy_input_spec(checkpoint) or self.input_spec
         self.net.weights_provenance = checkpoint.get("visioncare_weights", {"source": "unknown"})
         self.operating_points = checkpoint.get(OPERATING_POINTS_KEY, self.operating_points)
         rng = checkpoint.get("visioncare_rng")
-        if rng and self.trainer.state.fn == "fit":
+        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_state(rng)
 
-
-def _plain(value: Any) -> Any:
-    """Tuples → lists so the checkpoint holds only JSON-like values."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -135,6 +135,24 @@ def _from_file(name: str, path: Path, what: str) -> nn.Module:
         ) from exc
 
 
+def backbone_normalization(backbone: str | None) -> dict[str, list[float]] | None:
+    """The mean/std a timm backbone was pretrained with (None for no backbone).
+
+    Read from timm's pretrained config, without building the model; equal to
+    `TwoHeadNet(backbone).data_config`'s (tested). The data config's defaults resolve to it
+    (`data.mean: ${backbone_mean:...}`), so the datamodule normalises as the backbone expects
+    without the model handing it anything.
+    """
+    if not backbone:
+        return None
+    check_backbone_name(backbone)
+    pretrained_cfg = get_pretrained_cfg(backbone, allow_unregistered=True)
+    values = timm.data.resolve_data_config(
+        pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {}
+    )
+    return {"mean": list(values["mean"]), "std": list(values["std"])}
+
+
 class TwoHeadNet(nn.Module):
     """Shared backbone features → dropout → one linear head per task.
 

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import torch
 
+from visioncare.data.input_spec import CHECKPOINT_KEY as INPUT_SPEC_KEY
 from visioncare.errors import ConfigurationError
 
 log = logging.getLogger("visioncare")
+
+# The checkpoint entry holding the composed run config (plain dict; `RunConfigRecord`).
+RUN_CONFIG_KEY = "visioncare_config"
 
 
 def newest_last_checkpoint(task_log_dir: str | Path) -> Path | None:
@@ -128,7 +132,9 @@ def check_visioncare_checkpoint(path: str | Path) -> dict:
             "pass a VisionCare last.ckpt or best.ckpt"
         ) from None
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    if "visioncare_data_config" not in checkpoint or not any(k.startswith("net.") for k in state):
+    # Every VisionCare checkpoint has an input spec (older ones: the backbone's data config).
+    has_spec = INPUT_SPEC_KEY in checkpoint or "visioncare_data_config" in checkpoint
+    if not has_spec or not any(k.startswith("net.") for k in state):
         raise ConfigurationError(
             f"ckpt_path={str(path)!r} is not a VisionCare checkpoint (no VisionCare model state); "
             "pass a VisionCare last.ckpt or best.ckpt"

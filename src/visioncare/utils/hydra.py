@@ -16,9 +16,10 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Ove
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from visioncare.errors import VisionCareError
+from visioncare.models.net import backbone_normalization
 from visioncare.utils.checkpoints import hydra_output_subdir, resume_run_dir
 from visioncare.utils.launcher import rank_zero_subdir, run_name
 
@@ -41,10 +42,18 @@ def register_resolvers() -> None:
         "run_name": run_name,
         "hydra_output_subdir": hydra_output_subdir,
         "rank_zero_subdir": rank_zero_subdir,
+        "backbone_mean": lambda backbone: _normalization(backbone, "mean"),
+        "backbone_std": lambda backbone: _normalization(backbone, "std"),
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+def _normalization(backbone: str | None, which: str) -> list[float] | None:
+    """`${backbone_mean:NAME}` / `${backbone_std:NAME}`: a timm backbone's input statistics."""
+    values = backbone_normalization(backbone)
+    return None if values is None else values[which]
 
 
 def _full_key(error: InstantiationException) -> str:
@@ -62,6 +71,8 @@ def user_error_message(error: BaseException, cfg: DictConfig | None = None) -> s
     flags, and an unknown keyword that the config holds (``+model.foo=1``); so is a required
     ``???`` key left unset. Anything else keeps its traceback.
     """
+    if isinstance(error, InterpolationResolutionError) and error.__cause__ is not None:
+        error = error.__cause__  # raised by one of our resolvers (`${backbone_mean:NAME}`)
     if isinstance(error, VisionCareError):
         return str(error)
     if isinstance(error, MissingMandatoryValue):  # a `???` key the command did not set
@@ -151,3 +162,7 @@ def run_main(main: Callable[[], Any]) -> None:
         message = composition_error_message(error)
         print(f"ERROR: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+# Configs composed outside the entry points (tests, notebooks, benchmarks) resolve too.
+register_resolvers()
