@@ -32,6 +32,7 @@ from visioncare.utils.checkpoints import RUN_CONFIG_KEY, check_visioncare_checkp
 
 log = logging.getLogger("visioncare")
 
+
 def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[VisionCareModule, dict]:
     """The trained `VisionCareModule` (eval mode) and the run config stored with it.
 

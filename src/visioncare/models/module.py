@@ -361,4 +361,3 @@ class VisionCareModule(L.LightningModule):
         rng = checkpoint.get("visioncare_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_state(rng)
-
