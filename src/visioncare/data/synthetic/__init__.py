@@ -39,7 +39,6 @@ the rendered grades; only the written labels carry the noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -1562,32 +1561,3 @@ def generate_synthetic_idrid(
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("Synthetic dataset ready in %.1f s", time.perf_counter() - start)
     return root
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m visioncare.data.synthetic ROOT`` builds the dataset and reports time."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("root")
-    parser.add_argument("--num-train", type=int, default=413)
-    parser.add_argument("--num-test", type=int, default=103)
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--difficulty", choices=sorted(DIFFICULTY_PRESETS), default="standard")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.perf_counter()
-    root = generate_synthetic_idrid(
-        args.root,
-        args.num_train,
-        args.num_test,
-        args.image_size,
-        args.seed,
-        args.num_workers,
-        DIFFICULTY_PRESETS[args.difficulty],
-    )
-    print(f"{root} ready in {time.perf_counter() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()
