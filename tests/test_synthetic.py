@@ -24,6 +24,7 @@ from visioncare.data.synthetic import (
     render_fundus,
     sample_grades,
 )
+from visioncare.data.synthetic.grades import _grader_labels
 
 GRADING = "B. Disease Grading"
 TRAIN_DIR = Path(GRADING, "1. Original Images", "a. Training Set")
@@ -237,13 +238,13 @@ def test_harder_presets_draw_smaller_fainter_fewer_lesions():
 
 def test_grader_noise_moves_grades_to_neighbours_at_the_stated_rate():
     grades = sample_grades(4000, 0)
-    noisy = syn._grader_labels(grades, 0.1, np.random.default_rng(0))
+    noisy = _grader_labels(grades, 0.1, np.random.default_rng(0))
     moved_dr = [(a[0], b[0]) for a, b in zip(grades, noisy, strict=True) if a[0] != b[0]]
     assert all(abs(a - b) == 1 for a, b in moved_dr)
     assert all(dme == 0 or dr >= 2 for dr, dme in noisy), "DME > 0 keeps DR >= 2"
     # 10 % draw a move; moves off the scale (DR 0 down, 4 up) or breaking DME's rule are kept.
     assert 0.06 < len(moved_dr) / len(grades) < 0.1
-    assert syn._grader_labels(grades, 0.0, np.random.default_rng(0)) == grades
+    assert _grader_labels(grades, 0.0, np.random.default_rng(0)) == grades
 
 
 def test_hard_set_on_disk_records_its_difficulty_and_noisy_labels(tmp_path):

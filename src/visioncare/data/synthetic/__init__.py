@@ -28,13 +28,7 @@ gives the same eye, colours, illumination and noise and differs only where lesio
 Lesion sizes are relative to the image size so they survive resizing to 224 px (a
 microaneurysm keeps a radius of >= 1.1 px there).
 
-Difficulty (`Difficulty`, presets in `DIFFICULTY_PRESETS`, `data.difficulty`): the ``standard``
-set is easy for a pretrained network (val accuracy near 0.97), so recipe arms cannot differ on
-it. Harder presets draw smaller, fainter lesions, fewer of them (counts pulled towards each
-grade's minimum, i.e. close to the boundary with the grade below), vary the camera more, and may
-add grader label noise: at a stated rate a written grade moves to a neighbouring grade (real
-graders disagree, kappa 0.7-0.8 on DR). The pixels still follow the clinical rules above for
-the rendered grades; only the written labels carry the noise.
+Difficulty: see `visioncare.data.synthetic.difficulty`.
 """
 
 from __future__ import annotations
@@ -58,6 +52,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from visioncare.data.synthetic.difficulty import DIFFICULTY_PRESETS, Difficulty
+from visioncare.data.synthetic.grades import (
+    IDRID_TRAIN_COUNTS_DME,
+    IDRID_TRAIN_COUNTS_DR,
+    _check_grades,
+    _grader_labels,
+    sample_grades,
+)
 from visioncare.utils.cpus import usable_cpus
 
 __all__ = [
@@ -74,10 +76,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYNTHETIC_MANIFEST = "visioncare_synthetic.json"
-IDRID_TRAIN_COUNTS_DR = (134, 20, 136, 74, 49)
-IDRID_TRAIN_COUNTS_DME = (177, 41, 195)
-# DME 0/1/2 among the 259 training images with DR >= 2 (DR 0-1 always have DME 0).
-_DME_COUNTS_REFERABLE = (23, 41, 195)
 # Bump whenever the rendered pixels or the layout change, so cached datasets are rebuilt.
 GENERATOR_VERSION = 1
 
@@ -95,166 +93,10 @@ _JPEG_QUALITY = 95
 _MIN_IMAGE_SIZE = 64
 
 
-# --------------------------------------------------------------------------------------------
-# Difficulty
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Difficulty:
-    """How hard the rendered set is to grade (the standard values reproduce version 1 exactly).
-
-    Attributes:
-        lesion_scale: multiplier on the radius of dots, blots, exudates and cotton-wool spots.
-        lesion_opacity: 1 = lesions drawn at full strength; lower = fainter (blended back
-            towards the lesion-free retina).
-        sparsity: 0 = lesion counts drawn from each grade's full range; 1 = always the
-            grade's minimum (e.g. 5 haemorrhages per quadrant for severe NPDR).
-        camera: spread of the camera's exposure, colour gains, contrast, gamma, blur, noise
-            and illumination gradient, relative to the standard ranges.
-        label_noise: share of written grades moved to a neighbouring grade (per task).
-    """
-
-    lesion_scale: float = 1.0
-    lesion_opacity: float = 1.0
-    sparsity: float = 0.0
-    camera: float = 1.0
-    label_noise: float = 0.0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "lesion_scale": 0.3 <= self.lesion_scale <= 1.0,
-            "lesion_opacity": 0.1 <= self.lesion_opacity <= 1.0,
-            "sparsity": 0.0 <= self.sparsity <= 1.0,
-            "camera": 0.0 <= self.camera <= 3.0,
-            "label_noise": 0.0 <= self.label_noise <= 0.5,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                "difficulty values out of range: "
-                + ", ".join(f"{b}={getattr(self, b)}" for b in bad)
-                + " (lesion_scale 0.3-1, lesion_opacity 0.1-1, sparsity 0-1, camera 0-3, "
-                "label_noise 0-0.5)"
-            )
-
-    @property
-    def is_standard(self) -> bool:
-        return self == Difficulty()
-
-
-DIFFICULTY_PRESETS: dict[str, Difficulty] = {
-    "standard": Difficulty(),
-    # Subtle lesions near the grade boundaries, a wider camera range, no label noise.
-    "moderate": Difficulty(lesion_scale=0.8, lesion_opacity=0.7, sparsity=0.6, camera=1.5),
-    # As moderate but fainter still, and 10 % of grades moved to a neighbour by the "grader".
-    "hard": Difficulty(
-        lesion_scale=0.75, lesion_opacity=0.55, sparsity=0.8, camera=1.8, label_noise=0.1
-    ),
-}
-
-
 def _count(rng: np.random.Generator, low: int, high: int, sparsity: float) -> int:
     """An integer in [low, high), the range shrunk towards ``low`` by ``sparsity``."""
     top = high if sparsity == 0 else low + max(1, round((high - low) * (1 - sparsity)))
     return int(rng.integers(low, top))
-
-
-def _grader_labels(
-    grades: Sequence[tuple[int, int]], rate: float, rng: np.random.Generator
-) -> list[tuple[int, int]]:
-    """The grades a noisy grader writes: each task's grade moves to a neighbour at ``rate``.
-
-    Moves stay on the scales, and DME > 0 keeps DR >= 2 (the labelling rule of IDRiD).
-    """
-    out = []
-    for dr, dme in grades:
-        if rng.random() < rate:
-            moved = dr + int(rng.choice([-1, 1]))
-            if 0 <= moved <= 4 and not (dme > 0 and moved < 2):
-                dr = moved
-        if dr >= 2 and rng.random() < rate:
-            moved = dme + int(rng.choice([-1, 1]))
-            dme = moved if 0 <= moved <= 2 else dme
-        out.append((dr, dme))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Class proportions
-# --------------------------------------------------------------------------------------------
-
-
-def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
-    """Split ``total`` into integers proportional to integer ``weights`` (Hamilton's method).
-
-    Exact integer arithmetic, so e.g. ``total == sum(weights)`` reproduces ``weights``.
-    """
-    denom = sum(weights)
-    nums = [total * w for w in weights]
-    counts = [n // denom for n in nums]
-    order = sorted(range(len(weights)), key=lambda i: (-(nums[i] % denom), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def _round_table(rows: Sequence[int], cols: Sequence[int]) -> list[list[int]]:
-    """Integer table with the given row/column sums, close to the independence table.
-
-    Controlled rounding: floor every cell of ``rows[i] * cols[j] / total``, then hand out the
-    missing units by largest remainder where both the row and the column still need one.
-    """
-    total = sum(rows)
-    assert total == sum(cols)
-    if total == 0:
-        return [[0] * len(cols) for _ in rows]
-    table = [[r * c // total for c in cols] for r in rows]
-    row_left = [r - sum(t) for r, t in zip(rows, table, strict=True)]
-    col_left = [c - sum(t[j] for t in table) for j, c in enumerate(cols)]
-    cells = sorted(
-        ((i, j) for i in range(len(rows)) for j in range(len(cols))),
-        key=lambda ij: (-((rows[ij[0]] * cols[ij[1]]) % total), ij),
-    )
-    for i, j in cells:
-        if row_left[i] > 0 and col_left[j] > 0:
-            table[i][j] += 1
-            row_left[i] -= 1
-            col_left[j] -= 1
-    for i in range(len(rows)):  # rare leftovers: any cell whose row and column still need one
-        for j in range(len(cols)):
-            extra = min(row_left[i], col_left[j])
-            table[i][j] += extra
-            row_left[i] -= extra
-            col_left[j] -= extra
-    return table
-
-
-def sample_grades(n: int, seed: int) -> list[tuple[int, int]]:
-    """(dr, dme) pairs with IDRiD's joint class proportions, deterministic from seed.
-
-    Counts are exact rather than sampled, so small synthetic sets still contain every class
-    (all DR and DME grades from n = 20) and n = 413 reproduces IDRiD's training counts exactly.
-    First the DR marginal is allocated by largest remainder, then the DME split of the DR >= 2
-    images (IDRiD ratio 23/41/195), then a controlled rounding of the DR-2..4 x DME table;
-    DR 0-1 always get DME 0. The list is shuffled with ``seed``.
-
-    Args:
-        n: Number of pairs.
-        seed: Seed of the shuffle.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    dr_counts = _largest_remainder(n, IDRID_TRAIN_COUNTS_DR)
-    referable = dr_counts[2:]
-    dme_counts = _largest_remainder(sum(referable), _DME_COUNTS_REFERABLE)
-    table = _round_table(referable, dme_counts)
-    pairs = [(0, 0)] * dr_counts[0] + [(1, 0)] * dr_counts[1]
-    for offset, row in enumerate(table):
-        for dme, count in enumerate(row):
-            pairs += [(2 + offset, dme)] * count
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    return [pairs[i] for i in order]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,19 +165,6 @@ LESION_KINDS = (
     "neovascularisation",
     "preretinal_haemorrhage",
 )
-
-
-def _check_grades(dr_grade: int, dme_grade: int) -> None:
-    """Reject grades outside the scales and DME without referable DR (never seen in IDRiD)."""
-    if dr_grade not in range(5):
-        raise ValueError(f"dr_grade must be an integer in 0-4, got {dr_grade!r}")
-    if dme_grade not in range(3):
-        raise ValueError(f"dme_grade must be an integer in 0-2, got {dme_grade!r}")
-    if dme_grade > 0 and dr_grade < 2:
-        raise ValueError(
-            f"DME grade {dme_grade} needs DR grade >= 2 (hard exudates make the retinopathy at "
-            f"least moderate), got DR {dr_grade}"
-        )
 
 
 def _sample_geometry(size: int, rng: np.random.Generator) -> _Geometry:
