@@ -25,6 +25,7 @@ from visioncare.data.synthetic import (
     sample_grades,
 )
 from visioncare.data.synthetic.grades import _grader_labels
+from visioncare.data.synthetic.lesions import LESION_KINDS
 
 GRADING = "B. Disease Grading"
 TRAIN_DIR = Path(GRADING, "1. Original Images", "a. Training Set")
@@ -106,7 +107,7 @@ def test_lesions_follow_the_clinical_rules(dr, dme, preset):
     for seed in range(3):
         _, geom, _, lesions = _scene(dr, dme, seed, difficulty=syn.DIFFICULTY_PRESETS[preset])
         kinds = Counter(les.kind for les in lesions)
-        assert set(kinds) <= set(syn.LESION_KINDS)
+        assert set(kinds) <= set(LESION_KINDS)
         assert all(geom.visible(les.x, les.y) for les in lesions), "every lesion must be seen"
         per_quadrant = Counter(geom.quadrant(h.x, h.y) for h in lesions if h.kind == "haemorrhage")
         proliferative = kinds["neovascularisation"] + kinds["preretinal_haemorrhage"]
