@@ -26,6 +26,7 @@ from visioncare.data.synthetic import (
 )
 from visioncare.data.synthetic.grades import _grader_labels
 from visioncare.data.synthetic.lesions import LESION_KINDS
+from visioncare.data.synthetic.render import _render_scene
 
 GRADING = "B. Disease Grading"
 TRAIN_DIR = Path(GRADING, "1. Original Images", "a. Training Set")
@@ -98,7 +99,7 @@ def test_render_rejects_bad_grades(dr, dme):
 
 
 def _scene(dr: int, dme: int, seed: int, size: int = 192, difficulty=None):
-    return syn._render_scene(dr, dme, size, np.random.default_rng([seed, dr, dme]), difficulty)
+    return _render_scene(dr, dme, size, np.random.default_rng([seed, dr, dme]), difficulty)
 
 
 @pytest.mark.parametrize("preset", sorted(syn.DIFFICULTY_PRESETS))
@@ -170,7 +171,7 @@ def test_grade_changes_only_pixels_near_lesions(dr, dme):
     """Same seed at two grades: identical eye, colours and noise; only lesion areas differ."""
     for seed in range(3):
         healthy = render_fundus(0, 0, 160, np.random.default_rng([seed]))
-        image, _, _, lesions = syn._render_scene(dr, dme, 160, np.random.default_rng([seed]))
+        image, _, _, lesions = _render_scene(dr, dme, 160, np.random.default_rng([seed]))
         changed = np.any(healthy != image, axis=2)
         assert changed.any()
         outside = changed & ~_footprint(changed.shape, lesions, margin=4)
@@ -194,7 +195,7 @@ def test_no_global_brightness_leak_between_grades():
 
 def test_lesions_stay_visible_after_resizing_to_224():
     """Microaneurysms (the only DR 1 sign) keep >= ~1.2 px radius and contrast at 224 px."""
-    image, _, _, lesions = syn._render_scene(1, 0, 512, np.random.default_rng(5))
+    image, _, _, lesions = _render_scene(1, 0, 512, np.random.default_rng(5))
     small = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
     healthy = render_fundus(0, 0, 512, np.random.default_rng(5))
     small0 = cv2.resize(healthy, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -226,9 +227,7 @@ def test_harder_presets_draw_smaller_fainter_fewer_lesions():
         diffs = []
         for seed in range(4):
             rng = [seed, 2, 0]
-            image, _, _, lesions = syn._render_scene(
-                2, 0, 256, np.random.default_rng(rng), difficulty
-            )
+            image, _, _, lesions = _render_scene(2, 0, 256, np.random.default_rng(rng), difficulty)
             healthy = render_fundus(0, 0, 256, np.random.default_rng(rng), difficulty)
             mask = _footprint(image.shape[:2], lesions, margin=0)
             diffs.append(np.abs(image.astype(float) - healthy)[mask].mean())
