@@ -23,6 +23,7 @@ from visioncare.data.synthetic import (
     generate_synthetic_idrid,
     render_fundus,
     sample_grades,
+    writer,
 )
 from visioncare.data.synthetic.grades import _grader_labels
 from visioncare.data.synthetic.lesions import LESION_KINDS
@@ -296,7 +297,7 @@ def test_writes_idrid_layout(tmp_path):
     assert image is not None and image.shape == (96, 96, 3)
     manifest = json.loads((root / SYNTHETIC_MANIFEST).read_text())
     assert manifest["params"] == {
-        "generator_version": syn.GENERATOR_VERSION,
+        "generator_version": writer.GENERATOR_VERSION,
         "num_train": 6,
         "num_test": 3,
         "image_size": 96,
@@ -308,8 +309,8 @@ def test_writes_idrid_layout(tmp_path):
 
 
 def test_image_names_widen_only_past_999():
-    assert syn._image_names(999)[-1] == "IDRiD_999"
-    assert syn._image_names(1000)[0] == "IDRiD_0001"
+    assert writer._image_names(999)[-1] == "IDRiD_999"
+    assert writer._image_names(1000)[0] == "IDRiD_0001"
 
 
 def test_pixels_do_not_depend_on_worker_count(tmp_path):
@@ -367,7 +368,7 @@ def test_fills_an_existing_empty_folder(tmp_path):
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     calls = []
-    real_job = syn._render_job
+    real_job = writer._render_job
 
     def flaky_job(job):
         calls.append(job)
@@ -375,7 +376,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
             raise KeyboardInterrupt  # e.g. Ctrl-C halfway through rendering
         real_job(job)
 
-    monkeypatch.setattr(syn, "_render_job", flaky_job)
+    monkeypatch.setattr(writer, "_render_job", flaky_job)
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_idrid(tmp_path / "ds", **SMALL)
     assert not (tmp_path / "ds").exists()
