@@ -4,7 +4,9 @@ Everything that touches the filesystem lives here: which files a set of paramete
 manifest that lets an identical set be reused without rendering, the rendering workers (spawned;
 each image's pixels depend only on (seed, split, index)), and the build-in-a-temp-folder-then-
 rename install that leaves nothing complete-looking after an interruption. Temp folders carry the
-host and process id, so nodes sharing a filesystem never delete each other's builds.
+host and process id, so nodes sharing a filesystem never delete each other's builds. The folder,
+file and column names come from `visioncare.data.sources.idrid_layout`, the copy the IDRiD
+loader reads with.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from visioncare.data.sources.idrid_layout import COLUMNS, GRADING, IMAGES, LABELS, SPLITS
 from visioncare.data.synthetic.difficulty import Difficulty
 from visioncare.data.synthetic.grades import _grader_labels, sample_grades
 from visioncare.data.synthetic.render import _MIN_IMAGE_SIZE, render_fundus
@@ -37,16 +40,8 @@ SYNTHETIC_MANIFEST = "visioncare_synthetic.json"
 # Bump whenever the rendered pixels or the layout change, so cached datasets are rebuilt.
 GENERATOR_VERSION = 1
 
-_GRADING_DIR = "B. Disease Grading"
-_IMAGES_DIR = "1. Original Images"
-_GROUNDTRUTH_DIR = "2. Groundtruths"
-_SPLIT_IMAGE_DIRS = ("a. Training Set", "b. Testing Set")
-_SPLIT_CSV_NAMES = (
-    "a. IDRiD_Disease Grading_Training Labels.csv",
-    "b. IDRiD_Disease Grading_Testing Labels.csv",
-)
 # The published CSV really carries the trailing space after "edema".
-_CSV_HEADER = "Image name,Retinopathy grade,Risk of macular edema "
+_CSV_HEADER = ",".join((COLUMNS["image"], COLUMNS["dr"], COLUMNS["dme"])) + " "
 _JPEG_QUALITY = 95
 
 
@@ -57,10 +52,12 @@ def _image_names(n: int) -> list[str]:
 
 
 def _expected_files(root: Path, num_train: int, num_test: int) -> list[Path]:
-    grading = root / _GRADING_DIR
-    files = [grading / _GROUNDTRUTH_DIR / name for name in _SPLIT_CSV_NAMES]
-    for split_dir, n in zip(_SPLIT_IMAGE_DIRS, (num_train, num_test), strict=True):
-        files += [grading / _IMAGES_DIR / split_dir / f"{name}.jpg" for name in _image_names(n)]
+    grading = root / GRADING
+    files = []
+    for split, n in (("train", num_train), ("test", num_test)):
+        layout = SPLITS[split]
+        files.append(grading / LABELS / layout.labels)
+        files += [grading / IMAGES / layout.images / f"{name}.jpg" for name in _image_names(n)]
     return files
 
 
@@ -131,15 +128,13 @@ def _build(
     """
     difficulty = difficulty or Difficulty()
     relabelled: dict[str, int] = {}
-    grading = tmp / _GRADING_DIR
-    (grading / _GROUNDTRUTH_DIR).mkdir(parents=True)
+    grading = tmp / GRADING
+    (grading / LABELS).mkdir(parents=True)
     jobs = []
     counts: dict[str, dict[str, list[int]]] = {}
     splits = (("train", params["num_train"], 0), ("test", params["num_test"], 1))
-    for (split, n, offset), image_dir, csv_name in zip(
-        splits, _SPLIT_IMAGE_DIRS, _SPLIT_CSV_NAMES, strict=True
-    ):
-        folder = grading / _IMAGES_DIR / image_dir
+    for split, n, offset in splits:
+        folder = grading / IMAGES / SPLITS[split].images
         folder.mkdir(parents=True)
         grades = sample_grades(n, params["seed"] + offset)
         names = _image_names(n)
@@ -151,7 +146,7 @@ def _build(
         rows = [_CSV_HEADER] + [
             f"{nm},{dr},{dme}" for nm, (dr, dme) in zip(names, written, strict=True)
         ]
-        (grading / _GROUNDTRUTH_DIR / csv_name).write_text("\n".join(rows) + "\n")
+        (grading / LABELS / SPLITS[split].labels).write_text("\n".join(rows) + "\n")
         counts[split] = {
             "dr": [sum(g[0] == k for g in written) for k in range(5)],
             "dme": [sum(g[1] == k for g in written) for k in range(3)],
@@ -165,7 +160,7 @@ def _build(
         "generator": "visioncare.data.synthetic",  # the package, not this module: kept stable
         "params": params,
         "class_counts": counts,
-        "layout": "IDRiD B. Disease Grading",
+        "layout": f"IDRiD {GRADING}",
     }
     if not difficulty.is_standard:
         manifest["relabelled_by_grader_noise"] = relabelled
@@ -188,9 +183,9 @@ def _install(tmp: Path, root: Path) -> None:
     trash = root.parent / f".{root.name}.old-{_owner_tag()}"
     shutil.rmtree(trash, ignore_errors=True)
     trash.mkdir()
-    if (root / _GRADING_DIR).exists():
-        os.replace(root / _GRADING_DIR, trash / _GRADING_DIR)
-    os.replace(tmp / _GRADING_DIR, root / _GRADING_DIR)
+    if (root / GRADING).exists():
+        os.replace(root / GRADING, trash / GRADING)
+    os.replace(tmp / GRADING, root / GRADING)
     os.replace(tmp / SYNTHETIC_MANIFEST, root / SYNTHETIC_MANIFEST)
     shutil.rmtree(trash, ignore_errors=True)
 
