@@ -5,14 +5,15 @@ Why: the real IDRiD archive cannot be downloaded on the build machines, yet the 
 package draws fundus photographs whose labels come *only* from the lesions that are rendered, and
 writes them exactly as IDRiD ships them, so the real IDRiD loader reads them unchanged.
 
-One concern per module, each importing only those listed before it:
+One concern per module, each importing only modules listed above it (no cycles):
 
 * `difficulty`: the `Difficulty` knobs and `DIFFICULTY_PRESETS` (``data.difficulty``).
 * `grades`: which (DR, DME) pairs a split holds (IDRiD's proportions) and grader label noise.
 * `anatomy`: field of view, optic disc, fovea and vessel tree of one eye.
 * `lesions`: the clinical rules: which lesions the grades require, and where they go.
 * `render`: a planned scene as pixels, with no grade leaking through global cues.
-* `writer`: the IDRiD layout on disk, the manifest, reuse and a safe install.
+* `writer`: the IDRiD layout on disk (names from `visioncare.data.sources.idrid_layout`), the
+  manifest, reuse and a safe install.
 
 ``python -m visioncare.data.synthetic ROOT`` builds a set from the shell (`__main__`). The names
 below are the public API; the private helpers that tests reach live in their own modules.
