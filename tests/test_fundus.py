@@ -235,7 +235,7 @@ def test_other_skimage_photos_are_not_fundus():
 
 def test_synthetic_fields_match_the_geometry_they_were_drawn_with():
     """The synthetic set (the default training data) crops as intended, cuts included."""
-    from visioncare.data.synthetic import _render_scene
+    from visioncare.data.synthetic.render import _render_scene
 
     for seed in range(10):
         image, geometry = _render_scene(seed % 5, 0, 256, np.random.default_rng(seed))[:2]

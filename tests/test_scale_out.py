@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from timm.layers import BatchNormAct2d, SyncBatchNormAct
 
-from visioncare.data import synthetic
 from visioncare.data.dataset import EvalShardSampler
 from visioncare.data.preparation_lock import exclusive_preparation
+from visioncare.data.synthetic import writer as synthetic_writer
 from visioncare.models.net import TwoHeadNet
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
 from visioncare.training import build_trainer
@@ -171,7 +171,7 @@ def test_preparation_lock_lets_one_process_work_at_a_time(tmp_path):
 
 def test_stale_cleanup_spares_other_hosts_builds(tmp_path, monkeypatch):
     """A dead process id of this host is stale; the same id on another node may be rendering."""
-    monkeypatch.setattr(synthetic.socket, "gethostname", lambda: "node-a")
+    monkeypatch.setattr(synthetic_writer.socket, "gethostname", lambda: "node-a")
     root = tmp_path / "set"
     dead = 2**22 + 12345  # above the default pid_max: no such process here
     ours = tmp_path / f".set.tmp-node-a-{dead}"
@@ -180,7 +180,7 @@ def test_stale_cleanup_spares_other_hosts_builds(tmp_path, monkeypatch):
     alive = tmp_path / f".set.tmp-node-a-{os.getpid()}"
     for folder in (ours, other_node, legacy, alive):
         folder.mkdir()
-    synthetic._remove_stale_temp_dirs(root)
+    synthetic_writer._remove_stale_temp_dirs(root)
     assert not ours.exists()
     assert other_node.exists() and legacy.exists() and alive.exists()
 

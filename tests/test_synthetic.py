@@ -23,7 +23,11 @@ from visioncare.data.synthetic import (
     generate_synthetic_idrid,
     render_fundus,
     sample_grades,
+    writer,
 )
+from visioncare.data.synthetic.grades import _grader_labels
+from visioncare.data.synthetic.lesions import LESION_KINDS
+from visioncare.data.synthetic.render import _render_scene
 
 GRADING = "B. Disease Grading"
 TRAIN_DIR = Path(GRADING, "1. Original Images", "a. Training Set")
@@ -96,7 +100,7 @@ def test_render_rejects_bad_grades(dr, dme):
 
 
 def _scene(dr: int, dme: int, seed: int, size: int = 192, difficulty=None):
-    return syn._render_scene(dr, dme, size, np.random.default_rng([seed, dr, dme]), difficulty)
+    return _render_scene(dr, dme, size, np.random.default_rng([seed, dr, dme]), difficulty)
 
 
 @pytest.mark.parametrize("preset", sorted(syn.DIFFICULTY_PRESETS))
@@ -105,7 +109,7 @@ def test_lesions_follow_the_clinical_rules(dr, dme, preset):
     for seed in range(3):
         _, geom, _, lesions = _scene(dr, dme, seed, difficulty=syn.DIFFICULTY_PRESETS[preset])
         kinds = Counter(les.kind for les in lesions)
-        assert set(kinds) <= set(syn.LESION_KINDS)
+        assert set(kinds) <= set(LESION_KINDS)
         assert all(geom.visible(les.x, les.y) for les in lesions), "every lesion must be seen"
         per_quadrant = Counter(geom.quadrant(h.x, h.y) for h in lesions if h.kind == "haemorrhage")
         proliferative = kinds["neovascularisation"] + kinds["preretinal_haemorrhage"]
@@ -168,7 +172,7 @@ def test_grade_changes_only_pixels_near_lesions(dr, dme):
     """Same seed at two grades: identical eye, colours and noise; only lesion areas differ."""
     for seed in range(3):
         healthy = render_fundus(0, 0, 160, np.random.default_rng([seed]))
-        image, _, _, lesions = syn._render_scene(dr, dme, 160, np.random.default_rng([seed]))
+        image, _, _, lesions = _render_scene(dr, dme, 160, np.random.default_rng([seed]))
         changed = np.any(healthy != image, axis=2)
         assert changed.any()
         outside = changed & ~_footprint(changed.shape, lesions, margin=4)
@@ -192,7 +196,7 @@ def test_no_global_brightness_leak_between_grades():
 
 def test_lesions_stay_visible_after_resizing_to_224():
     """Microaneurysms (the only DR 1 sign) keep >= ~1.2 px radius and contrast at 224 px."""
-    image, _, _, lesions = syn._render_scene(1, 0, 512, np.random.default_rng(5))
+    image, _, _, lesions = _render_scene(1, 0, 512, np.random.default_rng(5))
     small = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
     healthy = render_fundus(0, 0, 512, np.random.default_rng(5))
     small0 = cv2.resize(healthy, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -224,9 +228,7 @@ def test_harder_presets_draw_smaller_fainter_fewer_lesions():
         diffs = []
         for seed in range(4):
             rng = [seed, 2, 0]
-            image, _, _, lesions = syn._render_scene(
-                2, 0, 256, np.random.default_rng(rng), difficulty
-            )
+            image, _, _, lesions = _render_scene(2, 0, 256, np.random.default_rng(rng), difficulty)
             healthy = render_fundus(0, 0, 256, np.random.default_rng(rng), difficulty)
             mask = _footprint(image.shape[:2], lesions, margin=0)
             diffs.append(np.abs(image.astype(float) - healthy)[mask].mean())
@@ -237,13 +239,13 @@ def test_harder_presets_draw_smaller_fainter_fewer_lesions():
 
 def test_grader_noise_moves_grades_to_neighbours_at_the_stated_rate():
     grades = sample_grades(4000, 0)
-    noisy = syn._grader_labels(grades, 0.1, np.random.default_rng(0))
+    noisy = _grader_labels(grades, 0.1, np.random.default_rng(0))
     moved_dr = [(a[0], b[0]) for a, b in zip(grades, noisy, strict=True) if a[0] != b[0]]
     assert all(abs(a - b) == 1 for a, b in moved_dr)
     assert all(dme == 0 or dr >= 2 for dr, dme in noisy), "DME > 0 keeps DR >= 2"
     # 10 % draw a move; moves off the scale (DR 0 down, 4 up) or breaking DME's rule are kept.
     assert 0.06 < len(moved_dr) / len(grades) < 0.1
-    assert syn._grader_labels(grades, 0.0, np.random.default_rng(0)) == grades
+    assert _grader_labels(grades, 0.0, np.random.default_rng(0)) == grades
 
 
 def test_hard_set_on_disk_records_its_difficulty_and_noisy_labels(tmp_path):
@@ -295,7 +297,7 @@ def test_writes_idrid_layout(tmp_path):
     assert image is not None and image.shape == (96, 96, 3)
     manifest = json.loads((root / SYNTHETIC_MANIFEST).read_text())
     assert manifest["params"] == {
-        "generator_version": syn.GENERATOR_VERSION,
+        "generator_version": writer.GENERATOR_VERSION,
         "num_train": 6,
         "num_test": 3,
         "image_size": 96,
@@ -307,8 +309,8 @@ def test_writes_idrid_layout(tmp_path):
 
 
 def test_image_names_widen_only_past_999():
-    assert syn._image_names(999)[-1] == "IDRiD_999"
-    assert syn._image_names(1000)[0] == "IDRiD_0001"
+    assert writer._image_names(999)[-1] == "IDRiD_999"
+    assert writer._image_names(1000)[0] == "IDRiD_0001"
 
 
 def test_pixels_do_not_depend_on_worker_count(tmp_path):
@@ -366,7 +368,7 @@ def test_fills_an_existing_empty_folder(tmp_path):
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     calls = []
-    real_job = syn._render_job
+    real_job = writer._render_job
 
     def flaky_job(job):
         calls.append(job)
@@ -374,7 +376,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
             raise KeyboardInterrupt  # e.g. Ctrl-C halfway through rendering
         real_job(job)
 
-    monkeypatch.setattr(syn, "_render_job", flaky_job)
+    monkeypatch.setattr(writer, "_render_job", flaky_job)
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_idrid(tmp_path / "ds", **SMALL)
     assert not (tmp_path / "ds").exists()

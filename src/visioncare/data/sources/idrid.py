@@ -13,6 +13,7 @@ from pathlib import Path
 
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
+from visioncare.data.sources.idrid_layout import COLUMNS, GRADING, IMAGES, LABELS, SPLITS
 from visioncare.data.sources.tables import (
     parse_grade,
     read_label_table,
@@ -20,15 +21,6 @@ from visioncare.data.sources.tables import (
     row_location,
 )
 from visioncare.errors import DataValidationError
-
-GRADING = "B. Disease Grading"
-IMAGES = "1. Original Images"
-LABELS = "2. Groundtruths"
-SPLITS = {
-    "train": ("a. Training Set", "a. IDRiD_Disease Grading_Training Labels.csv"),
-    "test": ("b. Testing Set", "b. IDRiD_Disease Grading_Testing Labels.csv"),
-}
-COLUMNS = {"image": "Image name", "dr": "Retinopathy grade", "dme": "Risk of macular edema"}
 
 
 def find_grading_dir(root: Path) -> Path:
