@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path through the real entry points, in one short run (≤ 8 minutes on one GPU):
+# The GPU path through the real entry points, in one short run:
 #   train (trainer=gpu), train (trainer=ddp trainer.devices=1), eval, predict with Grad-CAM,
 #   export + ONNX predict, and EfficientNetV2-S AMP vs fp32 training steps (synchronised timing).
 # Prints a PASS/FAIL table and exits 1 if any check failed.

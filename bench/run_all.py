@@ -20,7 +20,7 @@ from pathlib import Path
 from common import Row, machine_line, print_table
 
 HERE = Path(__file__).resolve().parent
-# Issue order: data feeding first (it sizes everything else), then training, inference,
+# Data feeding first (it sizes everything else), then training, inference,
 # Grad-CAM, memory.
 BENCHMARKS = ("data_loading", "training_speed", "inference", "gradcam", "memory")
 # `--smoke`: the smallest settings that still run every code path (timm's test_efficientnet, tiny

@@ -1,6 +1,6 @@
 """DICOM photographs, as fundus cameras export them, read wherever an image is read.
 
-The files are written here with pydicom in the layouts clinics send (DATASETS.md): Ophthalmic
+The files are written here with pydicom in the layouts clinics send: Ophthalmic
 Photography 8 and 16 bit, RGB and YBR_FULL uncompressed, JPEG baseline (`YBR_FULL_422`), several
 frames, MONOCHROME2 — with a real fundus photograph (scikit-image's `retina.jpg`) as content.
 """

@@ -1,7 +1,8 @@
 """On-disk cache of preprocessed images, shared by every run and sweep job.
 
 Each image is preprocessed once and stored as an uncompressed ``.npy``: loading costs a fraction
-of a millisecond, against ~100 ms to decode and resize a 4288×2848 JPEG (bench/data_loading.py).
+of a millisecond, far less than decoding and resizing a full-size fundus JPEG (bench/data_loading.py
+measures both).
 Entries are keyed by the source file's identity (resolved path, size, modification time) and the
 preprocessing parameters, so a changed file or parameter gives a new entry and an unchanged one is
 reused. Writes are atomic (temporary file + rename): a killed build never leaves a half-written

@@ -274,7 +274,7 @@ class FundusDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
-# Loader workers per training process on a CPU run: they feed the model over 100x faster than it
+# Loader workers per training process on a CPU run: they feed the model far faster than it
 # trains (bench/data_loading.py), and every extra one takes a core from the model's threads.
 CPU_RUN_WORKERS = 2
 # Beyond this a GPU's loader gains nothing and each worker still holds its own memory.

@@ -149,7 +149,7 @@ class VisionCareModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         # Loaders and predict.py deliver NCHW; with channels-last weights an NCHW input makes
-        # every convolution convert layouts (eval at 224 px on an AVX2 CPU: 10 vs 13 img/s).
+        # every convolution convert layouts (bench/inference.py measures the difference).
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)

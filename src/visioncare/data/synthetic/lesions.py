@@ -1,6 +1,6 @@
 """Clinical lesion rules: which lesions a pair of grades requires, and where they go (no pixels).
 
-The labels follow from this plan alone. Rules (ICDR scale, see ``/work/shared/DATASETS.md``):
+The labels follow from this plan alone. Rules (ICDR scale for DR; DME graded as IDRiD does):
 
 * DR 0: no lesions at all.
 * DR 1 (mild NPDR): microaneurysms only (2-6 small dark-red dots).

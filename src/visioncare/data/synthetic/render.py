@@ -110,7 +110,7 @@ def _composite(
 ) -> None:
     """Full-image alpha composite of a flat colour, in place.
 
-    cv2.blendLinear is ~8x faster than the numpy expression; ``scratch`` (same shape as
+    cv2.blendLinear is much faster than the numpy expression; ``scratch`` (same shape as
     ``img``) avoids fresh multi-megabyte buffers, whose page faults cost as much as the maths.
     """
     scratch.fill(0.0)

@@ -102,7 +102,7 @@ def _render_all(jobs: list[_Job], num_workers: int) -> None:
         return
     # spawn, never fork: a parent that already ran OpenCV/OpenMP thread pools (any test or
     # training process) forks children that deadlock on the copied pool locks. The package
-    # __init__ files import nothing heavy, so a spawned worker starts in well under a second.
+    # __init__ files import nothing heavy, so a spawned worker starts quickly.
     context = multiprocessing.get_context("spawn")
     chunksize = max(1, len(jobs) // (workers * 8))
     try:
