@@ -120,9 +120,9 @@ class VisionCareModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Learn the datasets from the trainer's datamodule: per-source metrics if several."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        self.configure_sources(getattr(datamodule, "source_names", []))
+        self._build_source_metrics(getattr(datamodule, "source_names", []))
 
-    def configure_sources(self, names: list[str]) -> None:
+    def _build_source_metrics(self, names: list[str]) -> None:
         """Report val/test metrics per dataset as well (`val/<source>/acc_dr`) if several."""
         self.source_names = list(names)
         self.source_metrics = nn.ModuleDict(
