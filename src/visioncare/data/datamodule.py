@@ -1,8 +1,9 @@
 """`FundusDataModule`: source → validation → preprocessing cache → augmentation → loaders.
 
-A new dataset is a new `DatasetSource`; nothing here changes. The validation split is carved out of
-the training split (stratified on the joint DR/DME label, seeded by `data.split_seed`) unless the
-source ships one; model selection never sees test images.
+A new dataset is a new `DatasetSource`; nothing here changes. Sources report only the splits their
+dataset ships; the test and validation splits they lack are carved out of training here, per source
+(grouped by patient, stratified on the joint DR/DME label, seeded by `data.test_split_seed` and
+`data.split_seed`); model selection never sees test images.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from visioncare.data.cache import PreprocessedCache
 from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, FundusDataset
 from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig, default_cache_size
-from visioncare.data.records import Record, stratified_split, with_dicom_identity
+from visioncare.data.records import Record, check_test_fraction, hold_out, with_dicom_identity
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
@@ -45,6 +46,11 @@ class FundusDataModule(L.LightningDataModule):
             `resolve_num_workers`).
         val_fraction: share of the training split held out for validation.
         split_seed: seed of the validation split (fixed across runs and training seeds).
+        test_fraction: share of the labelled images held out as test, for sources that ship no
+            test split (APTOS, EyePACS without testLabels.csv, Messidor-2, a CSV table without a
+            split column).
+        test_split_seed: seed of that hold-out; separate from `split_seed` so reshuffling
+            validation keeps the same test images.
         seed: seed of shuffling and augmentation (usually the run's `seed`).
         cache_dir: where preprocessed images are stored.
         crop_fundus, ben_graham: preprocessing options (see `PreprocessConfig`).
@@ -69,6 +75,8 @@ class FundusDataModule(L.LightningDataModule):
         num_workers: int | str = "auto",
         val_fraction: float = 0.2,
         split_seed: int = 0,
+        test_fraction: float = 0.2,
+        test_split_seed: int = 0,
         seed: int = 42,
         cache_dir: str = "data/cache",
         crop_fundus: bool = True,
@@ -103,6 +111,8 @@ class FundusDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.test_fraction = check_test_fraction(test_fraction)
+        self.test_split_seed = test_split_seed
         self.seed = seed
         self.preprocess = PreprocessConfig(cache_size, crop_fundus, ben_graham)
         self.cache = PreprocessedCache(cache_dir, self.preprocess)
@@ -163,24 +173,18 @@ class FundusDataModule(L.LightningDataModule):
             log.warning("Skipping %d undecodable image(s):\n%s", len(errors), "\n".join(problems))
             loaded = {s: [r for r in rs if r.image not in errors] for s, rs in loaded.items()}
         self.cached = cached
-        self.splits = self._split_validation(loaded)
+        self.splits = self._draw_splits(loaded)
         self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
 
-    def _split_validation(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
-        """Carve validation out of training, per source, for the sources that ship none.
+    def _draw_splits(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
+        """Test, then validation, carved out of training per source, where the source ships none.
 
-        Per source, so a combined run validates (and selects models) on every dataset in its own
-        proportions; stratified on the joint label and seeded by `data.split_seed`.
+        One function for both (`records.hold_out`). Test comes first, with its own seed, so it
+        does not depend on the validation settings.
         """
-        shipped = {r.source for r in loaded.get("val", [])}
-        train = [r for r in loaded["train"] if r.source in shipped]
-        val = list(loaded.get("val", []))
-        for source in sorted({r.source for r in loaded["train"]} - shipped):
-            records = [r for r in loaded["train"] if r.source == source]
-            kept, held_out = stratified_split(records, self.val_fraction, self.split_seed)
-            train += kept
-            val += held_out
-        return {**loaded, "train": train, "val": val}
+        key = "data.test_fraction"
+        loaded = hold_out(loaded, "test", self.test_fraction, self.test_split_seed, key)
+        return hold_out(loaded, "val", self.val_fraction, self.split_seed, "data.val_fraction")
 
     def setup(self, stage: str | None = None) -> None:
         self._load_and_cache()

@@ -25,7 +25,10 @@ class DatasetSource(ABC):
 
     @abstractmethod
     def load(self) -> dict[str, list[Record]]:
-        """Records per split: ``train`` and ``test`` (a ``val`` split when the dataset has one)."""
+        """Records per split the dataset ships: ``train``, and ``test``/``val`` where it has them.
+
+        A missing ``test`` or ``val`` is drawn by the datamodule (`records.hold_out`), not here.
+        """
 
     def require_root(self) -> None:
         """Fail with an actionable message when ``data.root`` is missing."""
