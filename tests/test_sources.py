@@ -592,6 +592,15 @@ def test_reshuffling_validation_keeps_the_test_images(tmp_path, make_cfg):
     assert other_test["test"] != default["test"]
 
 
+def test_old_checkpoints_source_split_seed_is_the_test_split_seed(tmp_path, make_cfg, caplog):
+    """Configs stored before data.test_split_seed name it data.source.split_seed: same test set."""
+    root = make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])
+    with caplog.at_level(logging.WARNING):
+        old = _drawn(make_cfg, "aptos", root, "+data.source.split_seed=3")
+    assert old == _drawn(make_cfg, "aptos", root, "data.test_split_seed=3")
+    assert "data.source.split_seed=3 is now data.test_split_seed" in caplog.text
+
+
 def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
     """IDRiD (DR + DME) with APTOS (DR only) through a real training run, metrics per source."""
     rows = [(f"IDRiD_{i:03d}", str(i % 5), str(0 if i % 5 < 2 else i % 3)) for i in range(1, 21)]

@@ -23,7 +23,7 @@ from visioncare.data.dataset import EpochSeededSampler, EvalShardSampler, Fundus
 from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig, default_cache_size
 from visioncare.data.records import Record, check_test_fraction, hold_out, with_dicom_identity
-from visioncare.data.sources.base import DatasetSource
+from visioncare.data.sources.base import DatasetSource, legacy_split_seed
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
 from visioncare.errors import ConfigurationError, DataValidationError, check_int_at_least
@@ -105,6 +105,7 @@ class FundusDataModule(L.LightningDataModule):
             raise ConfigurationError(
                 f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}"
             )
+        source, test_split_seed = legacy_split_seed(source, test_split_seed)
         self.source = _make_source(source, root, source_options)
         self.image_size = image_size
         self.batch_size = batch_size
