@@ -108,6 +108,7 @@ def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cac
     assert "avg_acc" in done.stdout  # the closing table
     # trainer.precision=auto resolved once: the values that ran, wherever the run records them.
     ran = {"precision": str(accelerator.resolve_precision("auto", "cpu")), "benchmark": False}
+    assert summary["trainer"] == ran
     stored = OmegaConf.load(run / ".hydra" / "config.yaml").trainer
     assert stored.precision == "auto"  # Hydra's record of what was asked for
     events = EventAccumulator(str(run / "tensorboard"))

@@ -35,7 +35,7 @@ from visioncare.referral import (
     operating_points,
     store_operating_points,
 )
-from visioncare.utils.accelerator import enable_tf32, resolve_trainer_flags
+from visioncare.utils.accelerator import enable_tf32, resolve_trainer_flags, trainer_flags
 from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.launcher import checkpoint_to_resume
@@ -257,6 +257,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             test_metrics,
             datamodule.sizes(),
             model_info,
+            trainer_flags(cfg),
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
         # A fresh model from best.ckpt, never the compiled training one, on the training device
