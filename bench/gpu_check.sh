@@ -58,7 +58,8 @@ assert (run / "checkpoints" / "best.ckpt").is_file()
 assert summary["best"]["val/num_dr"] == summary["data"]["num_val"]
 assert any((run / "plots" / "gradcam").iterdir())
 assert float(rows[-1]["memory/gpu_peak_mb"]) > 0
-print("val/avg_acc", summary["best"]["val/avg_acc"], "epoch_s", rows[-1]["time/epoch_s"])
+print("val/avg_acc", summary["best"]["val/avg_acc"], "epoch_s", rows[-1]["time/epoch_s"],
+      "trainer", summary["trainer"])
 EOF
     record train_gpu_files $? "$(tail -n 1 "$WORK/train_gpu_files.log")"
     grep -q "Precision: bf16-mixed" "$WORK/train_gpu.log"

@@ -56,7 +56,11 @@ from visioncare.data.datamodule import FundusDataModule
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
 from visioncare.training import train
-from visioncare.utils.accelerator import cpu_has_native_bf16, resolve_precision
+from visioncare.utils.accelerator import (
+    cpu_has_native_bf16,
+    resolve_precision,
+    resolve_trainer_flags,
+)
 
 BACKBONE = "tf_efficientnetv2_s"  # conf/model/effv2s.yaml, the default
 EPOCHS = 5  # stages 0, 1, 2, 3, 3
@@ -166,10 +170,11 @@ def framework_and_stages(args: argparse.Namespace) -> tuple[list[Row], dict[str,
     """
     batches = args.warmup + args.steps + 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = str(resolve_precision("auto", device.type))
     with tempfile.TemporaryDirectory(prefix="visioncare-bench-") as name:
         tmp = Path(name)
         cfg = compose_config("train", bench_config(tmp, args, batches), tmp / "run")
+        # The precision the project run will train in (`train` resolves the same way).
+        precision = str(resolve_trainer_flags(cfg)["precision"])
         with quiet():
             loader = plain_loader(cfg, device)  # generates and caches the set once, for both
         iterations = args.warmup + args.steps

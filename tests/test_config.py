@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -97,6 +98,25 @@ def test_auto_precision(monkeypatch):
     monkeypatch.setattr(accelerator, "cpu_has_native_bf16", lambda: True)
     assert accelerator.resolve_precision("auto", "cpu") == "bf16-mixed"
     assert accelerator.resolve_precision("auto", "gpu") == "16-mixed"
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(False, "32-true"), (True, "bf16-mixed")])
+def test_resolved_trainer_config_instantiates_as_is(make_cfg, monkeypatch, native_bf16, expected):
+    """The composed trainer config says auto/null; resolved, Lightning builds it unchanged."""
+    monkeypatch.setattr(accelerator, "cpu_has_native_bf16", lambda: native_bf16)
+    cfg = make_cfg("trainer=default", "trainer.accelerator=cpu", "logger=none")
+    assert (cfg.trainer.precision, cfg.trainer.benchmark) == ("auto", None)
+    flags = accelerator.resolve_trainer_flags(cfg)
+    assert flags == {"precision": expected, "benchmark": False}
+    assert (cfg.trainer.precision, cfg.trainer.benchmark) == (expected, False)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer, L.Trainer) and trainer.precision == expected
+    assert accelerator.resolve_trainer_flags(cfg) == flags  # resolving twice changes nothing
+    explicit = make_cfg("trainer.precision=16-mixed", "trainer.benchmark=true")
+    assert accelerator.resolve_trainer_flags(explicit) == {
+        "precision": "16-mixed",
+        "benchmark": True,
+    }  # explicit Lightning values pass through
 
 
 def test_cudnn_benchmark_defaults_on_for_gpus_only():

@@ -197,8 +197,11 @@ def test_dicom_without_pixels_in_a_dataset_fails_before_training(tmp_path, make_
 
 def test_dicom_headers_name_patient_and_eye_and_splits_keep_both_eyes_together(tmp_path, photo):
     """Camera exports are named by UID: PatientID and ImageLaterality say whose eye it is."""
+    from functools import partial
+
     import pydicom
 
+    from visioncare.data.datamodule import FundusDataModule
     from visioncare.data.sources.csv_table import CSVTableSource
 
     rows = []
@@ -210,7 +213,13 @@ def test_dicom_headers_name_patient_and_eye_and_splits_keep_both_eyes_together(t
             ds.save_as(path)
             rows.append(f"{path.name},{patient % 5},0")
     (tmp_path / "labels.csv").write_text("image,dr,dme\n" + "\n".join(rows) + "\n")
-    splits = CSVTableSource(tmp_path, table="labels.csv", test_fraction=0.3).load()
+    source = partial(CSVTableSource, table="labels.csv")
+    dm = FundusDataModule(
+        source, root=str(tmp_path), cache_dir=str(tmp_path / "cache"), num_workers=0,
+        image_size=32, cache_size=40, test_fraction=0.3, val_fraction=0.0,
+    )  # fmt: skip
+    dm.prepare_data()  # DICOM headers give the patients before test is held out
+    splits = dm.splits
     patients = {name: {r.patient for r in records} for name, records in splits.items()}
     assert patients["train"] and patients["test"]
     assert not patients["train"] & patients["test"]  # no patient on both sides

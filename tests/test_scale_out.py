@@ -69,9 +69,12 @@ def test_sync_batchnorm_revert_restores_timm_layers_with_the_same_tensors():
 
 def test_trainer_sync_batchnorm_uses_timms_conversion(make_cfg):
     cfg = make_cfg("trainer=ddp_cpu", "trainer.sync_batchnorm=true", "logger=none")
+    accelerator.resolve_trainer_flags(cfg)
     trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
     assert isinstance(trainer.strategy._layer_sync, TimmSyncBatchNorm)
-    plain = build_trainer(make_cfg("trainer=ddp_cpu", "logger=none").trainer, [], [])
+    plain_cfg = make_cfg("trainer=ddp_cpu", "logger=none")
+    accelerator.resolve_trainer_flags(plain_cfg)
+    plain = build_trainer(plain_cfg.trainer, [], [])
     assert plain.strategy._layer_sync is None
 
 

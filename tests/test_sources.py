@@ -15,7 +15,8 @@ import pytest
 from hydra.utils import instantiate
 
 from tests.test_idrid import make_idrid
-from visioncare.data.records import Record
+from visioncare.data.datamodule import FundusDataModule
+from visioncare.data.records import Record, hold_out
 from visioncare.data.sources.aptos import APTOSSource
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.sources.csv_table import CSVTableSource
@@ -139,10 +140,16 @@ def keys(records: list[Record]) -> list[str]:
     return [r.key for r in records]
 
 
+def held_out(source: DatasetSource, fraction: float = 0.2, seed: int = 0) -> dict[str, list]:
+    """The source's splits with test drawn as the datamodule draws it (defaults = conf/data)."""
+    return hold_out(source.load(), "test", fraction, seed, "data.test_fraction")
+
+
 # ---------------------------------------------------------------------------------- APTOS
 def test_aptos_records_labels_and_keys(tmp_path):
     root = make_aptos(tmp_path)
-    splits = APTOSSource(root).load()
+    assert set(APTOSSource(root).load()) == {"train"}  # no official test split
+    splits = held_out(APTOSSource(root))
     assert set(splits) == {"train", "test"}
     assert (len(splits["train"]), len(splits["test"])) == (8, 2)
     records = splits["train"] + splits["test"]
@@ -170,29 +177,30 @@ def test_aptos_bad_and_empty_diagnosis_all_reported(tmp_path):
 def test_held_out_test_split_is_deterministic_and_disjoint(tmp_path, dataset):
     build, source = BUILDERS[dataset]
     root = build(tmp_path)
-    first, again = source(root).load(), source(root).load()
+    assert set(source(root).load()) == {"train"}  # the test split is the datamodule's to draw
+    first, again = held_out(source(root)), held_out(source(root))
     assert keys(first["test"]) == keys(again["test"])
     assert not set(keys(first["train"])) & set(keys(first["test"]))
     assert len(first["train"]) + len(first["test"]) == len(GRADES)
     assert len(first["test"]) == round(0.2 * len(GRADES))
     # Stratified: no DR grade appears twice in a 2-image test set drawn from 5 balanced classes.
     assert len({r.dr for r in first["test"]}) == len(first["test"])
-    other_seeds = [keys(source(root, split_seed=s).load()["test"]) for s in range(1, 6)]
+    other_seeds = [keys(held_out(source(root), seed=s)["test"]) for s in range(1, 6)]
     assert any(k != keys(first["test"]) for k in other_seeds)
-    bigger = source(root, test_fraction=0.5).load()
+    bigger = held_out(source(root), 0.5)
     assert len(bigger["test"]) == 5
 
 
 def test_held_out_split_ignores_row_order(tmp_path):
-    forward = APTOSSource(make_aptos(tmp_path / "a")).load()
-    backward = APTOSSource(make_aptos(tmp_path / "b", reverse=True)).load()
+    forward = held_out(APTOSSource(make_aptos(tmp_path / "a")))
+    backward = held_out(APTOSSource(make_aptos(tmp_path / "b", reverse=True)))
     assert keys(forward["test"]) == keys(backward["test"])
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_test_fraction_out_of_range_is_a_config_error(tmp_path, fraction):
     with pytest.raises(ConfigurationError, match=r"data\.test_fraction"):
-        APTOSSource(tmp_path, test_fraction=fraction)
+        FundusDataModule(APTOSSource, root=str(tmp_path), test_fraction=fraction)
 
 
 # -------------------------------------------------------------------------------- EyePACS
@@ -214,7 +222,7 @@ def test_eyepacs_uses_official_test_labels_when_present(tmp_path):
 
 def test_eyepacs_images_directly_under_root_and_no_test_labels(tmp_path):
     root = make_eyepacs(tmp_path, image_dir=None)
-    splits = EyePACSSource(root).load()
+    splits = held_out(EyePACSSource(root))
     assert (len(splits["train"]), len(splits["test"])) == (8, 2)
     assert all(r.image.parent == root and r.image.is_file() for r in splits["train"])
 
@@ -222,7 +230,8 @@ def test_eyepacs_images_directly_under_root_and_no_test_labels(tmp_path):
 def test_eyepacs_test_labels_without_test_images_fall_back_to_hold_out(tmp_path, caplog):
     root = make_eyepacs(tmp_path, test_grades=[0, 1], test_dir=False)
     with caplog.at_level(logging.WARNING):
-        splits = EyePACSSource(root).load()
+        assert set(EyePACSSource(root).load()) == {"train"}
+    splits = held_out(EyePACSSource(root))
     assert len(splits["test"]) == 2 and all(r.key.count("/") == 1 for r in splits["test"])
     assert "holding out" in caplog.text
 
@@ -238,7 +247,7 @@ def test_eyepacs_patients_never_span_splits(tmp_path, make_cfg):
     grades = [g for g in range(5) for _ in range(8)]  # patient p's eyes share grade p // 4
     root = make_eyepacs(tmp_path / "eyepacs", grades, both_eyes=True)
     splits = EyePACSSource(root).load()
-    record = next(r for r in splits["train"] + splits["test"] if r.key == "eyepacs/10_right")
+    record = next(r for r in splits["train"] if r.key == "eyepacs/10_right")
     assert (record.patient, record.laterality) == ("10", "R")
     cfg = make_cfg("data=eyepacs", f"data.root={root}")
     dm = instantiate(cfg.data)
@@ -263,9 +272,8 @@ def test_csv_patient_and_laterality_columns(tmp_path):
     write_csv(tmp_path / "labels.csv", "image,dr,dme,person,eye", rows)
     source = CSVTableSource(
         tmp_path, table="labels.csv", patient_column="person", laterality_column="eye",
-        test_fraction=0.25,
     )  # fmt: skip
-    splits = source.load()
+    splits = held_out(source, 0.25)
     records = {r.key: r for rs in splits.values() for r in rs}
     assert (records["csv/img_3.png"].patient, records["csv/img_3.png"].laterality) == ("P1", "R")
     test_patients = {r.patient for r in splits["test"]}
@@ -302,7 +310,8 @@ def test_messidor2_png_and_upper_case_jpg_and_referable_dme(tmp_path):
     (root / "IMAGES" / messidor_name(1)).rename(root / "IMAGES" / "IM002381.jpg")
     source = Messidor2Source(root)
     splits = source.load()
-    records = {r.key: r for r in splits["train"] + splits["test"]}
+    assert set(splits) == {"train"}  # no official split
+    records = {r.key: r for r in splits["train"]}
     assert len(records) == len(GRADES)
     png, jpg = records[f"messidor2/{messidor_name(0)}"], records["messidor2/IM002381.JPG"]
     assert png.image.name == messidor_name(0) and png.image.is_file()
@@ -321,7 +330,7 @@ def test_messidor2_examination_pairs_share_a_patient(tmp_path):
     names = [messidor_name(i) for i in range(len(grades))]
     rows = "left;right\n" + "".join(f"{names[i]};{names[i + 1]}\n" for i in range(0, 20, 2))
     (root / "pairs.csv").write_text(rows)
-    splits = Messidor2Source(root, pairs_table="pairs.csv").load()
+    splits = held_out(Messidor2Source(root, pairs_table="pairs.csv"))
     side = {r.key.split("/", 1)[1]: split for split, rs in splits.items() for r in rs}
     patient = {r.key.split("/", 1)[1]: r.patient for rs in splits.values() for r in rs}
     assert patient[names[2]] == patient[names[3]] == names[2]
@@ -337,7 +346,7 @@ def test_messidor2_skips_ungradable_rows_with_a_logged_count(tmp_path, caplog):
     source = Messidor2Source(root)
     with caplog.at_level(logging.INFO, logger="visioncare.data.sources.messidor2"):
         splits = source.load()
-    assert len(splits["train"]) + len(splits["test"]) == len(GRADES)
+    assert len(splits["train"]) == len(GRADES)
     assert source.skipped == ["IM009991.JPG", "IM009992.JPG", "IM009993.JPG"]
     assert "skipped 3 ungradable row(s)" in caplog.text
     assert not any("IM00999" in k for k in source.referable_dme)
@@ -429,9 +438,8 @@ def test_csv_integer_grades_one_task_and_extension_lookup(tmp_path):
         image_column="name",
         dr_column="grade",
         dme_column=None,
-        test_fraction=0.25,
     )
-    splits = source.load()
+    splits = held_out(source, 0.25)
     records = sorted(splits["train"] + splits["test"], key=lambda r: r.key)
     assert [r.key for r in records] == ["csv/x1", "csv/x2.PNG", "csv/x3", "csv/x4"]
     assert [r.image.name for r in records] == ["x1.JPG", "x2.png", "x3.jpeg", "x4.jpg"]
@@ -532,6 +540,64 @@ def test_data_config_composes_and_sets_up(tmp_path, make_cfg, dataset):
     dm.setup("fit")
     assert dm.sizes() == {"num_train": 6, "num_val": 2, "num_test": 2}
     assert dm.source.name == dataset and dm.source.root == tree
+    held = {s: [r.key.split("/", 1)[1] for r in rs] for s, rs in dm.splits.items() if s != "train"}
+    assert held == SMALL_SPLITS_BEFORE[dataset]
+
+
+# Test and validation keys the per-source hold-out drew (commit 939da0d, before the datamodule
+# drew both): default settings must keep drawing exactly these.
+SMALL_SPLITS_BEFORE = {
+    "aptos": {"test": ["1a2b3c000000", "1a2b3c000002"], "val": ["1a2b3c000004", "1a2b3c000006"]},
+    "eyepacs": {"test": ["10_left", "12_left"], "val": ["14_left", "16_left"]},
+    "messidor2": {
+        "test": ["20051020_43800_0100_PP.png", "20051020_43802_0100_PP.png"],
+        "val": ["20051020_43804_0100_PP.png", "20051020_43806_0100_PP.png"],
+    },
+    "csv": {"test": ["img_0.png", "img_2.png"], "val": ["img_4.png", "img_6.png"]},
+}
+APTOS_30_BEFORE = {
+    "test": ["1a2b3c000002", "1a2b3c000003", "1a2b3c00000a", "1a2b3c00000f", "1a2b3c000017",
+             "1a2b3c00001d"],
+    "val": ["1a2b3c000004", "1a2b3c000008", "1a2b3c000011", "1a2b3c000012", "1a2b3c00001b"],
+}  # fmt: skip
+EYEPACS_20_PATIENTS_BEFORE = {"test": {"12", "17", "19", "22"}, "val": {"13", "16", "26"}}
+
+
+def _drawn(make_cfg, dataset: str, root: Path, *overrides: str) -> dict[str, list[str]]:
+    """Keys (without the source name) per split, as the configured datamodule draws them."""
+    dm = instantiate(make_cfg(f"data={dataset}", f"data.root={root}", *overrides).data)
+    dm.prepare_data()
+    return {s: [r.key.split("/", 1)[1] for r in rs] for s, rs in dm.splits.items()}
+
+
+def test_default_splits_are_the_ones_drawn_before_the_move(tmp_path, make_cfg):
+    """Uneven sets where the seeded permutation decides: the same images as the old hold-out."""
+    aptos = make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])
+    drawn = _drawn(make_cfg, "aptos", aptos)
+    assert {s: drawn[s] for s in ("test", "val")} == APTOS_30_BEFORE
+    grades = [g for g in range(5) for _ in range(8)]
+    eyepacs = make_eyepacs(tmp_path / "eyepacs", grades, both_eyes=True)
+    drawn = _drawn(make_cfg, "eyepacs", eyepacs)
+    patients = {s: {k.split("_")[0] for k in drawn[s]} for s in ("test", "val")}
+    assert patients == EYEPACS_20_PATIENTS_BEFORE
+
+
+def test_reshuffling_validation_keeps_the_test_images(tmp_path, make_cfg):
+    root = make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])
+    default = _drawn(make_cfg, "aptos", root)
+    other_val = _drawn(make_cfg, "aptos", root, "data.split_seed=1")
+    assert other_val["test"] == default["test"] and other_val["val"] != default["val"]
+    other_test = _drawn(make_cfg, "aptos", root, "data.test_split_seed=1")
+    assert other_test["test"] != default["test"]
+
+
+def test_old_checkpoints_source_split_seed_is_the_test_split_seed(tmp_path, make_cfg, caplog):
+    """Configs stored before data.test_split_seed name it data.source.split_seed: same test set."""
+    root = make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])
+    with caplog.at_level(logging.WARNING):
+        old = _drawn(make_cfg, "aptos", root, "+data.source.split_seed=3")
+    assert old == _drawn(make_cfg, "aptos", root, "data.test_split_seed=3")
+    assert "data.source.split_seed=3 is now data.test_split_seed" in caplog.text
 
 
 def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):

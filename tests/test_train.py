@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
@@ -18,6 +19,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
 from visioncare.training import train
+from visioncare.utils import accelerator
 
 CONTRACT_COLUMNS = [
     "epoch", "train/loss", "train/loss_dr", "train/loss_dme", "val/loss", "val/loss_dr",
@@ -104,10 +106,22 @@ def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cac
     for key in ("test/acc_dr", "test/f1_dme", "test/qwk_dr", "test/joint_acc", "test/avg_acc"):
         assert key in summary["test"]
     assert "avg_acc" in done.stdout  # the closing table
+    # trainer.precision=auto resolved once: the values that ran, wherever the run records them.
+    ran = {"precision": str(accelerator.resolve_precision("auto", "cpu")), "benchmark": False}
+    assert summary["trainer"] == ran
+    stored = OmegaConf.load(run / ".hydra" / "config.yaml").trainer
+    assert stored.precision == "auto"  # Hydra's record of what was asked for
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["trainer.precision"].string_value == ran["precision"]
 
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 3
     assert checkpoint["visioncare_config"]["model"]["backbone"] == "test_efficientnet"
+    trainer_config = checkpoint["visioncare_config"]["trainer"]
+    assert {k: trainer_config[k] for k in ran} == ran
     assert "BestAverageAccuracy" in " ".join(checkpoint["callbacks"])
 
 

@@ -36,7 +36,7 @@ from visioncare.referral import (
     operating_points,
     store_operating_points,
 )
-from visioncare.utils.accelerator import enable_tf32, resolve_benchmark, resolve_precision
+from visioncare.utils.accelerator import enable_tf32, resolve_trainer_flags, trainer_flags
 from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path
 from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.launcher import checkpoint_to_resume
@@ -156,17 +156,12 @@ def refuse_multirun_ddp(cfg: DictConfig) -> None:
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    """The Trainer of `trainer_cfg`, with VisionCare's choices for precision, cuDNN and SyncBN.
+    """The Trainer of `trainer_cfg`, already resolved by `resolve_trainer_flags`; timm's SyncBN.
 
     `trainer.sync_batchnorm=true` converts with timm's `convert_sync_batchnorm` (through the
     `TimmSyncBatchNorm` plugin) instead of torch's, which drops timm's fused activations.
     """
-    precision = resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator)
-    log.info("Precision: %s", precision)
-    enable_tf32(precision, trainer_cfg.accelerator)
-    benchmark = resolve_benchmark(
-        trainer_cfg.get("benchmark"), trainer_cfg.accelerator, trainer_cfg.get("deterministic")
-    )
+    enable_tf32(trainer_cfg.precision, trainer_cfg.accelerator)
     plugins = list(instantiate(trainer_cfg.get("plugins")) or [])
     if trainer_cfg.get("sync_batchnorm"):
         plugins.append(TimmSyncBatchNorm())
@@ -174,8 +169,6 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.
         trainer_cfg,
         callbacks=callbacks,
         logger=loggers or False,
-        precision=precision,
-        benchmark=benchmark,
         sync_batchnorm=False,
         plugins=plugins or None,
     )
@@ -197,6 +190,8 @@ def load_best_weights(trainer: L.Trainer, model: L.LightningModule, best_path: s
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, select on validation, test once; returns best validation and test metrics."""
     refuse_multirun_ddp(cfg)
+    # auto/null become Lightning's values here, so the stored config records what runs.
+    resolve_trainer_flags(cfg)
     target_sensitivity = check_target_sensitivity(cfg.get("target_sensitivity"))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -256,6 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             test_metrics,
             datamodule.sizes(),
             model_info,
+            trainer_flags(cfg),
         )
         write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
         # A fresh model from best.ckpt, never the compiled training one, on the training device

@@ -1,8 +1,9 @@
 """`FundusDataModule`: source → validation → preprocessing cache → augmentation → loaders.
 
-A new dataset is a new `DatasetSource`; nothing here changes. The validation split is carved out of
-the training split (stratified on the joint DR/DME label, seeded by `data.split_seed`) unless the
-source ships one; model selection never sees test images.
+A new dataset is a new `DatasetSource`; nothing here changes. Sources report only the splits their
+dataset ships; the test and validation splits they lack are carved out of training here, per source
+(grouped by patient, stratified on the joint DR/DME label, seeded by `data.test_split_seed` and
+`data.split_seed`); model selection never sees test images.
 
 Lightning drives it: `prepare_data` (once per node, before any process trains) generates or checks
 the dataset and builds the preprocessing cache, so bad input fails before the first step;
@@ -32,8 +33,8 @@ from visioncare.data.dataset import (
 from visioncare.data.input_spec import InputSpec
 from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.preprocess import PreprocessConfig, default_cache_size
-from visioncare.data.records import Record, stratified_split, with_dicom_identity
-from visioncare.data.sources.base import DatasetSource
+from visioncare.data.records import Record, check_test_fraction, hold_out, with_dicom_identity
+from visioncare.data.sources.base import DatasetSource, legacy_split_seed
 from visioncare.data.transforms import AugmentConfig, build_eval_transform, build_train_transform
 from visioncare.data.validation import validate_records
 from visioncare.errors import ConfigurationError, DataValidationError, check_int_at_least
@@ -56,6 +57,11 @@ class FundusDataModule(L.LightningDataModule):
             `resolve_num_workers`).
         val_fraction: share of the training split held out for validation.
         split_seed: seed of the validation split (fixed across runs and training seeds).
+        test_fraction: share of the labelled images held out as test, for sources that ship no
+            test split (APTOS, EyePACS without testLabels.csv, Messidor-2, a CSV table without a
+            split column).
+        test_split_seed: seed of that hold-out; separate from `split_seed` so reshuffling
+            validation keeps the same test images.
         seed: seed of shuffling and augmentation (usually the run's `seed`).
         cache_dir: where preprocessed images are stored.
         crop_fundus, ben_graham: preprocessing options (see `PreprocessConfig`).
@@ -81,6 +87,8 @@ class FundusDataModule(L.LightningDataModule):
         num_workers: int | str = "auto",
         val_fraction: float = 0.2,
         split_seed: int = 0,
+        test_fraction: float = 0.2,
+        test_split_seed: int = 0,
         seed: int = 42,
         cache_dir: str = "data/cache",
         crop_fundus: bool = True,
@@ -109,6 +117,7 @@ class FundusDataModule(L.LightningDataModule):
             raise ConfigurationError(
                 f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}"
             )
+        source, test_split_seed = legacy_split_seed(source, test_split_seed)
         self.source = _make_source(source, root, source_options)
         if mean is None or std is None:
             raise ConfigurationError(
@@ -120,6 +129,8 @@ class FundusDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.test_fraction = check_test_fraction(test_fraction)
+        self.test_split_seed = test_split_seed
         self.seed = seed
         self.preprocess = PreprocessConfig(cache_size, crop_fundus, ben_graham)
         self.cache = PreprocessedCache(cache_dir, self.preprocess)
@@ -181,27 +192,21 @@ class FundusDataModule(L.LightningDataModule):
             loaded = {s: [r for r in rs if r.image not in errors] for s, rs in loaded.items()}
         return loaded, cached
 
-    def _split_validation(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
-        """Carve validation out of training, per source, for the sources that ship none.
+    def _draw_splits(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
+        """Test, then validation, carved out of training per source, where the source ships none.
 
-        Per source, so a combined run validates (and selects models) on every dataset in its own
-        proportions; stratified on the joint label and seeded by `data.split_seed`.
+        One function for both (`records.hold_out`). Test comes first, with its own seed, so it
+        does not depend on the validation settings.
         """
-        shipped = {r.source for r in loaded.get("val", [])}
-        train = [r for r in loaded["train"] if r.source in shipped]
-        val = list(loaded.get("val", []))
-        for source in sorted({r.source for r in loaded["train"]} - shipped):
-            records = [r for r in loaded["train"] if r.source == source]
-            kept, held_out = stratified_split(records, self.val_fraction, self.split_seed)
-            train += kept
-            val += held_out
-        return {**loaded, "train": train, "val": val}
+        key = "data.test_fraction"
+        loaded = hold_out(loaded, "test", self.test_fraction, self.test_split_seed, key)
+        return hold_out(loaded, "val", self.val_fraction, self.split_seed, "data.val_fraction")
 
     def setup(self, stage: str | None = None) -> None:
         """Splits and datasets (every process; the records are read once per datamodule)."""
         if not self.splits:
             loaded, self.cached = self._load_checked()
-            self.splits = self._split_validation(loaded)
+            self.splits = self._draw_splits(loaded)
             self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
             log.info("Data %s: %s", self.source.name, self.sizes())
         train_tf = build_train_transform(self.image_size, self.mean, self.std, self.augment)

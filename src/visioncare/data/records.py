@@ -1,16 +1,18 @@
-"""The one record type every dataset source yields, and the seeded stratified validation split."""
+"""The one record type every dataset source yields, and the seeded, grouped, stratified split
+that draws both the test hold-out and the validation split."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from visioncare.data.dicom import dicom_identity
+from visioncare.errors import ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Record:
 
 
 def stratified_split(
-    records: Sequence[Record], fraction: float, seed: int
+    records: Sequence[Record], fraction: float, seed: int, key: str = "data.val_fraction"
 ) -> tuple[list[Record], list[Record]]:
     """Split off ``fraction`` of the patients, stratified on their joint (DR, DME) label.
 
@@ -57,11 +59,13 @@ def stratified_split(
     ``round(groups * fraction)`` groups, shared among the joint classes by largest remainder; a
     class never gives away its last group.
 
+    ``key`` is the config key of ``fraction``, for the error message.
+
     Returns:
         (train, held_out)
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {fraction}")
+        raise ValueError(f"{key} must be in [0, 1), got {fraction}")
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.key):
         groups[record.group].append(record)
@@ -92,6 +96,43 @@ def stratified_split(
         for i in order[n_out:]:
             train.extend(members[i])
     return sorted(train, key=lambda r: r.key), sorted(held_out, key=lambda r: r.key)
+
+
+def check_test_fraction(fraction: float) -> float:
+    """A test share in (0, 1), checked when the config is read, not after loading 35k rows.
+
+    0 is refused too: every dataset needs a test split.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigurationError(
+            f"data.test_fraction must be in (0, 1), got {fraction} (the share held out as test "
+            "where a dataset ships no test split)"
+        )
+    return float(fraction)
+
+
+def hold_out(
+    splits: Mapping[str, Sequence[Record]], split: str, fraction: float, seed: int, key: str
+) -> dict[str, list[Record]]:
+    """``split`` carved out of ``train`` (`stratified_split`), per source, where it ships none.
+
+    Per source, so a combined run holds out every dataset in its own proportions and a source
+    that ships ``split`` keeps it. A source's held-out records are the same whether it is loaded
+    alone or combined with others (the split sees only that source's records). ``key`` names
+    ``fraction`` in errors.
+
+    Returns:
+        ``splits`` with ``train`` and ``split`` replaced (other splits as they were).
+    """
+    shipped = {r.source for r in splits.get(split, [])}
+    train = [r for r in splits["train"] if r.source in shipped]
+    held_out = list(splits.get(split, []))
+    for source in sorted({r.source for r in splits["train"]} - shipped):
+        records = [r for r in splits["train"] if r.source == source]
+        kept, out = stratified_split(records, fraction, seed, key)
+        train += kept
+        held_out += out
+    return {**{s: list(rs) for s, rs in splits.items()}, "train": train, split: held_out}
 
 
 _EYE_NAME = re.compile(r"^(?P<patient>.+?)[_\-. ](?P<eye>left|right|od|os)$", re.IGNORECASE)

@@ -11,6 +11,10 @@ skipped steps and no fp16 overflow of the logits; older GPUs get 16-mixed. A `32
 Ampere+ GPU computes its matmuls in TF32 (`enable_tf32`).
 
 `trainer.benchmark=null`: cuDNN's autotuner on GPUs (see `resolve_benchmark`).
+
+Both are resolved once, at the start of a run, into the config itself (`resolve_trainer_flags`):
+`instantiate(cfg.trainer)` then builds the Trainer that runs, and the stored config, the
+TensorBoard hparams and summary.json record the values that ran, not `auto`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger("visioncare")
 
@@ -94,3 +99,33 @@ def resolve_benchmark(benchmark: bool | None, accelerator: str, deterministic: A
     if benchmark is None and uses_gpu(accelerator) and not deterministic:
         return True
     return benchmark
+
+
+def resolve_trainer_flags(cfg: DictConfig) -> dict[str, Any]:
+    """Write Lightning's own values for `trainer.precision` and `trainer.benchmark` into ``cfg``.
+
+    `auto` and null are VisionCare's choices (`resolve_precision`, `resolve_benchmark`); a null
+    benchmark left to Lightning is written as what Lightning does with it (off when
+    deterministic, else torch's current setting). Explicit values pass through, so resolving
+    twice changes nothing. Returns `trainer_flags(cfg)`.
+    """
+    trainer = cfg.trainer
+    accelerator = trainer.get("accelerator", "auto")
+    deterministic = trainer.get("deterministic")
+    requested = trainer.get("precision", "auto")
+    precision = resolve_precision(requested, accelerator)
+    benchmark = resolve_benchmark(trainer.get("benchmark"), accelerator, deterministic)
+    if benchmark is None:
+        benchmark = False if deterministic else bool(torch.backends.cudnn.benchmark)
+    with open_dict(trainer):
+        trainer.precision = precision
+        trainer.benchmark = benchmark
+    log.info(
+        "Precision: %s (trainer.precision=%s), cudnn.benchmark: %s", precision, requested, benchmark
+    )
+    return trainer_flags(cfg)
+
+
+def trainer_flags(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved speed flags of ``cfg.trainer``, for summary.json."""
+    return {key: cfg.trainer.get(key) for key in ("precision", "benchmark")}

@@ -38,16 +38,19 @@ def write_summary(
     test_metrics: Mapping[str, float],
     sizes: Mapping[str, int],
     model: Mapping[str, Any] | None = None,
+    trainer: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """summary.json: the best validation epoch, the test metrics, the split sizes and the model.
 
-    ``model`` names the backbone and the provenance of the weights training started from.
+    ``model`` names the backbone and the provenance of the weights training started from;
+    ``trainer`` the precision and cudnn.benchmark that ran (not `auto`).
     """
     summary = {
         "best": {"epoch": best_epoch, **{k: _json_number(v) for k, v in best_metrics.items()}},
         "test": {k: _json_number(v) for k, v in test_metrics.items()},
         "data": dict(sizes),
         "model": dict(model or {}),
+        "trainer": dict(trainer or {}),
     }
     path.write_text(json.dumps(summary, indent=2, sort_keys=False))
     return summary

@@ -7,13 +7,9 @@ Layout under `data.root` (as unzipped from Kaggle):
 - ``test.csv`` / ``test_images/`` hold the competition's test set, whose labels were never
   published; they are ignored.
 
-There is no DME grade (every record has ``dme = -1``). Because the labelled set has no official
-test split, a seeded stratified share of it (`test_fraction`, seed `split_seed`) is held out as
-``test``; the validation split is then carved out of the rest by the datamodule. Keys are
-``aptos/<id_code>``.
-
-The helpers here (`hold_out_test`, `check_test_fraction`, `is_blank`) are shared by the other
-sources without an official labelled test split (EyePACS, Messidor-2, CSV table).
+There is no DME grade (every record has ``dme = -1``). The labelled set has no official test
+split, so `load` returns ``train`` only; the datamodule holds out the test split
+(`data.test_fraction`, `data.test_split_seed`) and then validation. Keys are ``aptos/<id_code>``.
 """
 
 from __future__ import annotations
@@ -22,11 +18,7 @@ from pathlib import Path
 
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
-from visioncare.data.sources.tables import (
-    check_test_fraction,
-    hold_out_test,
-    read_dr_only_table,
-)
+from visioncare.data.sources.tables import read_dr_only_table
 from visioncare.errors import DataValidationError
 
 LABELS = "train.csv"
@@ -35,21 +27,16 @@ COLUMNS = {"image": "id_code", "dr": "diagnosis"}
 
 
 class APTOSSource(DatasetSource):
-    """APTOS 2019: labelled ``train.csv`` only, with a held-out test split.
+    """APTOS 2019: labelled ``train.csv`` only (the test split is held out by the datamodule).
 
     Args:
         root: the folder holding ``train.csv`` and ``train_images/`` (`data.root`).
-        test_fraction: share of the labelled images held out as the test split.
-        split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
-            validation seed `data.split_seed`, so reshuffling validation keeps the test set).
     """
 
     name = "aptos"
 
-    def __init__(self, root: str | Path, test_fraction: float = 0.2, split_seed: int = 0) -> None:
+    def __init__(self, root: str | Path) -> None:
         super().__init__(root)
-        self.test_fraction = check_test_fraction(test_fraction)
-        self.split_seed = split_seed
 
     def load(self) -> dict[str, list[Record]]:
         self.require_root()
@@ -66,4 +53,4 @@ class APTOSSource(DatasetSource):
         )
         if problems:
             raise DataValidationError.from_problems("APTOS labels are invalid", problems)
-        return hold_out_test(records, self.test_fraction, self.split_seed)
+        return {"train": records}

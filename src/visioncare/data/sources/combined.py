@@ -1,8 +1,10 @@
 """Several datasets trained together, e.g. IDRiD (DR + DME) with APTOS (DR only).
 
 Each child keeps its own records: a label a dataset does not have stays -1 and is masked out of
-that task's loss. Validation is carved per source by the datamodule and test splits stay per
-source, so metrics are reported per source (`val/<source>/acc_dr`) as well as overall.
+that task's loss. A child's shipped splits are kept; the test split (for children without one)
+and validation are drawn per source by the datamodule, with the same `data.test_fraction`,
+`data.test_split_seed`, `data.val_fraction` and `data.split_seed` for every child, so metrics
+are reported per source (`val/<source>/acc_dr`) as well as overall.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ absolute path) and one CSV (`data.table`, absolute or relative to root) with
   marks text that means "not graded"). An empty cell is "not graded" (-1); a row with neither
   grade is an error;
 - optionally a split column (`split_column`) with ``train``/``val``/``test`` (also ``training``,
-  ``valid``, ``validation``, ``testing``; any case). Without it a seeded stratified
-  `test_fraction` is held out as ``test``;
+  ``valid``, ``validation``, ``testing``; any case). Without it every row is ``train`` and the
+  datamodule holds out `data.test_fraction` as ``test``;
 - optionally a patient column (`patient_column`): rows with the same id are one person's
   images, kept on one side of every split (a table whose own split column separates a patient's
   images is an error); and a laterality column (`laterality_column`: ``L``/``R``, ``left``/
@@ -31,8 +31,6 @@ from visioncare.data.preprocess import IMAGE_EXTENSIONS as READABLE_EXTENSIONS
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.sources.tables import (
-    check_test_fraction,
-    hold_out_test,
     is_blank,
     parse_grade,
     read_label_table,
@@ -87,14 +85,11 @@ class CSVTableSource(DatasetSource):
         dme_column: column with the DME grade; None when the table has no DME labels.
         dr_map: cell text -> DR grade (0-4, or -1 = not graded); None = cells are integers.
         dme_map: cell text -> DME grade (0-2, or -1 = not graded); None = cells are integers.
-        split_column: column with train/val/test per row; None = hold out `test_fraction`.
+        split_column: column with train/val/test per row; None = all rows are ``train``.
         patient_column: column with the patient id; None = each image is its own patient.
         laterality_column: column with the eye (L/R); None = unknown.
         image_suffix: appended to names without an image extension (e.g. ``.png``).
         name: dataset name used in record keys and per-source metrics.
-        test_fraction: share held out as the test split when there is no split column.
-        split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
-            validation seed `data.split_seed`).
     """
 
     def __init__(
@@ -111,8 +106,6 @@ class CSVTableSource(DatasetSource):
         laterality_column: str | None = None,
         image_suffix: str = "",
         name: str = "csv",
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
     ) -> None:
         super().__init__(root)
         if not name or "/" in name:
@@ -143,8 +136,6 @@ class CSVTableSource(DatasetSource):
         self.maps = {"dr": normalize_map(dr_map, "dr"), "dme": normalize_map(dme_map, "dme")}
         suffix = image_suffix.strip()
         self.image_suffix = f".{suffix}" if suffix and not suffix.startswith(".") else suffix
-        self.test_fraction = test_fraction if split_column else check_test_fraction(test_fraction)
-        self.split_seed = split_seed
 
     @property
     def table_path(self) -> Path:
@@ -172,7 +163,6 @@ class CSVTableSource(DatasetSource):
         problems: list[str] = []
         listings: dict[Path, Listing] = {}
         splits: dict[str, list[Record]] = {"train": [], "test": []}
-        pool: list[Record] = []
         first_split: dict[str, tuple[str, int]] = {}  # patient -> (split, row) first seen
         for row in frame.itertuples(index=False):
             where = row_location(path, row.row, row.image)
@@ -202,10 +192,7 @@ class CSVTableSource(DatasetSource):
             image = self._resolve(row.image, listings)
             key = f"{self.name}/{row.image}"
             record = Record(image, dr, dme, self.name, key, patient, laterality)
-            if split is None:
-                pool.append(record)
-            else:
-                splits.setdefault(split, []).append(record)
+            splits.setdefault(split or "train", []).append(record)
         if "split" in self.columns and not splits["test"] and not problems:
             problems.append(
                 f"{path}: no row has {self.columns['split']!r} = test; every dataset needs a "
@@ -214,7 +201,7 @@ class CSVTableSource(DatasetSource):
         if problems:
             raise DataValidationError.from_problems(f"labels in {path} are invalid", problems)
         if "split" not in self.columns:
-            return hold_out_test(pool, self.test_fraction, self.split_seed)
+            return {"train": splits["train"]}
         return splits
 
     def _grade(self, value: object, task: str, where: str, problems: list[str]) -> int:

@@ -13,9 +13,9 @@ Each row is one eye of a patient: ``10_left`` and ``10_right`` get patient ``10`
 laterality ``L``/``R``, so the test hold-out and the validation split keep a patient's eyes
 together (the eyes' grades are strongly correlated). There is no DME grade (``dme = -1``).
 When both ``testLabels.csv`` and the test image folder are present they form the test split
-(keys ``eyepacs/test/<image>``); otherwise a seeded stratified `test_fraction` of the training
-labels is held out (keys ``eyepacs/<image>`` either way for training images, so a held-out
-image keeps its key).
+(keys ``eyepacs/test/<image>``); otherwise `load` returns ``train`` only and the datamodule holds
+out `data.test_fraction` of it (keys ``eyepacs/<image>`` either way for training images, so a
+held-out image keeps its key).
 """
 
 from __future__ import annotations
@@ -25,11 +25,7 @@ from pathlib import Path
 
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
-from visioncare.data.sources.tables import (
-    check_test_fraction,
-    hold_out_test,
-    read_dr_only_table,
-)
+from visioncare.data.sources.tables import read_dr_only_table
 from visioncare.errors import DataValidationError
 
 log = logging.getLogger(__name__)
@@ -40,17 +36,13 @@ COLUMNS = {"image": "image", "dr": "level"}
 
 
 class EyePACSSource(DatasetSource):
-    """Kaggle DR 2015: the official test split when its labels are present, else a hold-out.
+    """Kaggle DR 2015: the official test split when its labels are present, else train only.
 
     Args:
         root: the folder holding ``trainLabels.csv`` (`data.root`).
         image_dir: folder of the training images, relative to root (images directly under root
             are accepted when it is missing).
         test_image_dir: folder of the official test images, relative to root.
-        test_fraction: share of the training labels held out as test when the official test
-            split is not there.
-        split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
-            validation seed `data.split_seed`).
     """
 
     name = "eyepacs"
@@ -60,14 +52,10 @@ class EyePACSSource(DatasetSource):
         root: str | Path,
         image_dir: str = "train",
         test_image_dir: str = "test",
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
     ) -> None:
         super().__init__(root)
         self.image_dir = image_dir
         self.test_image_dir = test_image_dir
-        self.test_fraction = check_test_fraction(test_fraction)
-        self.split_seed = split_seed
 
     def load(self) -> dict[str, list[Record]]:
         self.require_root()
@@ -94,13 +82,12 @@ class EyePACSSource(DatasetSource):
             return {"train": train, "test": test}
         if test_labels.is_file():
             log.warning(
-                "EyePACS: %s exists but %s/ does not; holding out %.0f%% of the training "
-                "images as the test split instead",
+                "EyePACS: %s exists but %s/ does not; holding out data.test_fraction of the "
+                "training images as the test split instead",
                 test_labels,
                 test_folder,
-                100 * self.test_fraction,
             )
-        return hold_out_test(train, self.test_fraction, self.split_seed)
+        return {"train": train}
 
     def _read(self, labels: Path, folder: Path, prefix: str, problems: list[str]) -> list[Record]:
         """Records of one label table; problems are collected, not raised."""

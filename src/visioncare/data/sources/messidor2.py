@@ -11,8 +11,8 @@ Layout under `data.root`:
 Rows with ``adjudicated_gradable == 0`` or an empty DR grade carry no grade and are skipped (their
 count is logged; `skipped` lists them). ``adjudicated_dme`` is *referable* DME (binary), not the
 three-grade scale the DME head predicts, so records get ``dme = -1``; the binary label is kept in
-`referable_dme` for screening-style evaluation. Messidor-2 has no official split: a seeded
-stratified `test_fraction` is held out as ``test``. Keys are ``messidor2/<image_id>``.
+`referable_dme` for screening-style evaluation. Messidor-2 has no official split: `load` returns
+``train`` only and the datamodule holds out `data.test_fraction`. Keys are ``messidor2/<image_id>``.
 
 Examinations: Messidor-2 photographs both eyes of each examination. With `pairs_table` (a CSV,
 relative to root, one examination per row with its image names in the first two columns, comma-
@@ -29,8 +29,6 @@ from pathlib import Path
 from visioncare.data.records import Record
 from visioncare.data.sources.base import DatasetSource
 from visioncare.data.sources.tables import (
-    check_test_fraction,
-    hold_out_test,
     is_blank,
     parse_grade,
     read_label_table,
@@ -56,9 +54,6 @@ class Messidor2Source(DatasetSource):
     Args:
         root: the folder holding ``messidor_data.csv`` (`data.root`).
         image_dir: folder of the images, relative to root.
-        test_fraction: share of the gradable images held out as the test split.
-        split_seed: seed of that hold-out (`data.source.split_seed`; independent of the
-            validation seed `data.split_seed`).
         pairs_table: CSV of examinations (two image names per row), relative to root; None =
             no patient grouping.
 
@@ -75,15 +70,11 @@ class Messidor2Source(DatasetSource):
         self,
         root: str | Path,
         image_dir: str = "IMAGES",
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
         pairs_table: str | None = None,
     ) -> None:
         super().__init__(root)
         self.image_dir = image_dir
         self.pairs_table = pairs_table
-        self.test_fraction = check_test_fraction(test_fraction)
-        self.split_seed = split_seed
         self.referable_dme: dict[str, int] = {}
         self.skipped: list[str] = []
 
@@ -134,7 +125,7 @@ class Messidor2Source(DatasetSource):
                 len(table),
             )
         self.referable_dme, self.skipped = referable, skipped
-        return hold_out_test(records, self.test_fraction, self.split_seed)
+        return {"train": records}
 
     def _examinations(self) -> dict[str, str]:
         """Lower-cased image name -> examination id (its first image's name) from `pairs_table`."""

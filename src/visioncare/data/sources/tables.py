@@ -1,19 +1,13 @@
-"""Helpers shared by the dataset sources: lenient label tables, grades, image lookup, hold-outs."""
+"""Helpers shared by the dataset sources: lenient label tables, grades, image lookup."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from visioncare.data.records import (
-    Record,
-    patient_from_name,
-    stratified_split,
-    with_dicom_identity,
-)
-from visioncare.errors import ConfigurationError, DataValidationError
+from visioncare.data.records import Record, patient_from_name
+from visioncare.errors import DataValidationError
 
 # Tried in order for names listed without extension (DICOM last: clinics' exports).
 IMAGE_SUFFIXES = (
@@ -115,28 +109,6 @@ def resolve_image(folder: Path, name: str, listing: dict[str, Path]) -> Path:
 def is_blank(value: object) -> bool:
     """An empty cell as `read_label_table` returns it (NaN, None or whitespace)."""
     return value is None or (isinstance(value, float) and pd.isna(value)) or not str(value).strip()
-
-
-def check_test_fraction(test_fraction: float) -> float:
-    """Fail at construction (not after reading 35k rows) on a share that leaves no test split."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigurationError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
-    return float(test_fraction)
-
-
-def hold_out_test(
-    records: Sequence[Record], test_fraction: float, split_seed: int
-) -> dict[str, list[Record]]:
-    """``train``/``test`` from one labelled pool, stratified on the joint label and seeded.
-
-    Grouped by patient where records carry one: a patient's eyes are all train or all test.
-
-    The same seed gives the same test images whatever the row order of the table, so test
-    metrics stay comparable across runs; the validation split (`data.split_seed`) is drawn
-    afterwards from what is left and never overlaps the test images.
-    """
-    train, test = stratified_split(with_dicom_identity(records), test_fraction, split_seed)
-    return {"train": train, "test": test}
 
 
 def read_dr_only_table(
