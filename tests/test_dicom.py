@@ -217,8 +217,10 @@ def test_dicom_headers_name_patient_and_eye_and_splits_keep_both_eyes_together(t
     dm = FundusDataModule(
         source, root=str(tmp_path), cache_dir=str(tmp_path / "cache"), num_workers=0,
         image_size=32, cache_size=40, test_fraction=0.3, val_fraction=0.0,
+        mean=(0.5,) * 3, std=(0.5,) * 3,
     )  # fmt: skip
-    dm.prepare_data()  # DICOM headers give the patients before test is held out
+    dm.prepare_data()
+    dm.setup("fit")  # DICOM headers give the patients before test is held out
     splits = dm.splits
     patients = {name: {r.patient for r in records} for name, records in splits.items()}
     assert patients["train"] and patients["test"]

@@ -567,6 +567,7 @@ def _drawn(make_cfg, dataset: str, root: Path, *overrides: str) -> dict[str, lis
     """Keys (without the source name) per split, as the configured datamodule draws them."""
     dm = instantiate(make_cfg(f"data={dataset}", f"data.root={root}", *overrides).data)
     dm.prepare_data()
+    dm.setup("fit")
     return {s: [r.key.split("/", 1)[1] for r in rs] for s, rs in dm.splits.items()}
 
 

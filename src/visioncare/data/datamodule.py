@@ -119,11 +119,6 @@ class FundusDataModule(L.LightningDataModule):
             )
         source, test_split_seed = legacy_split_seed(source, test_split_seed)
         self.source = _make_source(source, root, source_options)
-        if mean is None or std is None:
-            raise ConfigurationError(
-                "data.mean and data.std must be set: leave the default "
-                "(the backbone's statistics, from model.backbone) or give three values each"
-            )
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -141,6 +136,11 @@ class FundusDataModule(L.LightningDataModule):
             if "crop_scale" in values:
                 values["crop_scale"] = tuple(values["crop_scale"])
             self.augment = AugmentConfig(**values)
+        if mean is None or std is None:
+            raise ConfigurationError(
+                "data.mean and data.std must be set: leave the default "
+                "(the backbone's statistics, from model.backbone) or give three values each"
+            )
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.on_bad_image = on_bad_image
