@@ -1,4 +1,4 @@
-"""Batch prediction (`src/predict.py`): inputs, error rows, probabilities, Grad-CAM overlays."""
+"""Batch prediction (`src/predict.py`): inputs, error rows, probabilities, explain=true."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import timm
 import torch
 from skimage import data
 
@@ -17,7 +16,7 @@ from tests.conftest import predict_cfg
 from tests.test_dicom import write_dicom
 from visioncare.errors import ConfigurationError
 from visioncare.inference import ImagePreprocessor, input_spec, load_model
-from visioncare.prediction import csv_columns, find_target_layer, predict, write_gradcam
+from visioncare.prediction import csv_columns, predict
 
 NUM_IMAGES = 5
 
@@ -133,29 +132,6 @@ def test_explain_overlays_the_cropped_fundus(tmp_path, trained):
             assert overlay[80, 80].any()  # the centre of the field is drawn
 
 
-def test_batched_gradcam_equals_one_image_at_a_time(tmp_path, trained):
-    """Batching (both tasks, several images per pass) must not change any image's CAM."""
-    ckpt, images = trained
-    model, config = load_model(ckpt)
-    spec = input_spec(model, config)
-    paths = images[:3]
-    preprocessor = ImagePreprocessor(spec)
-    with torch.no_grad():
-        logits = model(torch.stack([preprocessor(p) for p in paths]))
-    probs = {task: value.softmax(dim=1) for task, value in logits.items()}
-    errors = [""] * len(paths)
-    one = write_gradcam(model, spec, paths, probs, errors, tmp_path / "one", batch_size=1, size=96)
-    many = write_gradcam(
-        model, spec, paths, probs, errors, tmp_path / "many", batch_size=3, size=96
-    )
-    assert sorted(p.name for p in one) == sorted(p.name for p in many)
-    assert len(one) == 2 * len(paths)
-    for path in one:
-        a = cv2.imread(str(path)).astype(int)
-        b = cv2.imread(str(tmp_path / "many" / path.name)).astype(int)
-        assert np.abs(a - b).max() <= 2, path.name
-
-
 def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     """A clinic's export folder: one row per photo, errors only for the broken files, and a
     quality flag per photo (a darkened copy is flagged, the prediction is still made)."""
@@ -179,12 +155,3 @@ def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     assert rows["op_rgb.dcm"]["quality"] == "ok" and rows["photo.jpg"]["quality"] == "ok"
     assert rows["dark.png"]["quality"] == "too_dark"
     assert rows["no_image.dcm"]["quality"] == ""
-
-
-@pytest.mark.parametrize(
-    ("backbone", "expected"), [("test_efficientnet", "bn2"), ("resnet18", "layer4")]
-)
-def test_gradcam_target_is_the_last_spatial_feature_map(backbone, expected):
-    net = timm.create_model(backbone, pretrained=False, num_classes=0)
-    layer = find_target_layer(net, image_size=64)
-    assert [name for name, module in net.named_modules() if module is layer] == [expected]

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import predict as predict_probabilities
+from visioncare.explain import gradcam_examples
 from visioncare.inference import input_spec, load_model
 from visioncare.models.net import normalise_pretrained
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
-from visioncare.prediction import gradcam_examples
 from visioncare.referral import (
     DEFAULT_TARGET_SENSITIVITY,
     operating_points,
