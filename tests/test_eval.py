@@ -25,7 +25,7 @@ from omegaconf import DictConfig, open_dict
 from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import compute_metrics, evaluate
-from visioncare.prediction import predict
+from visioncare.prediction import run_predict
 
 TASKS = {"dr": 5, "dme": 3}
 REFERABLE_FROM = {"dr": 2, "dme": 1}
@@ -324,7 +324,7 @@ def test_predict_csv_equals_what_eval_scores(eval_cfg, ckpt, tmp_path):
     )  # fmt: skip
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "prun")
-    predict(cfg)
+    run_predict(cfg)
     with open(tmp_path / "prun" / "predictions.csv", newline="") as handle:
         rows = {str(Path(r["image"]).resolve()): r for r in csv.DictReader(handle)}
     assert all(r["error"] == "" for r in rows.values())

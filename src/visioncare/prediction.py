@@ -190,8 +190,8 @@ def load_predictor(
     return model, input_spec(model, config)
 
 
-def predict(cfg: DictConfig) -> dict[str, Any]:
-    """The `predict` task: checkpoint + input → CSV (+ Grad-CAM overlays with explain=true)."""
+def run_predict(cfg: DictConfig) -> dict[str, Any]:
+    """`src/predict.py`'s task: checkpoint + input → CSV (+ Grad-CAM overlays with explain=true)."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_int_at_least(cfg.batch_size, "batch_size")
