@@ -121,7 +121,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_workers=int(cfg.num_workers),
         pin_memory=device.startswith("cuda"),
     )
-    probs, targets, source_ids = predict(model, loader, device, tta=bool(cfg.get("tta", False)))
+    probs, targets, source_ids = collect_probabilities(
+        model, loader, device, tta=bool(cfg.get("tta", False))
+    )
     records = datamodule.splits[split]
     names = datamodule.source_names
     thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
@@ -149,7 +151,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     )
     write_metrics_json(output_dir / "metrics.json", metrics)
-    write_predictions(output_dir / "predictions.csv", records, probs, targets)
+    write_split_predictions(output_dir / "predictions.csv", records, probs, targets)
     plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
     write_report(
         output_dir / "report.md",
@@ -214,7 +216,7 @@ def build_datamodule(cfg: DictConfig, config: dict, spec: InputSpec) -> FundusDa
 
 
 @torch.no_grad()
-def predict(
+def collect_probabilities(
     model: torch.nn.Module, loader: DataLoader, device: str, tta: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Softmax probabilities per task (N, C), labels per task (N,) and source ids (N,).
@@ -377,10 +379,11 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
-def write_predictions(
+def write_split_predictions(
     path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
 ) -> None:
-    """predictions.csv: image, source, patient, true/predicted grades and every probability."""
+    """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
+    every probability (the clinic CSV of predict.py is `prediction.write_predictions`)."""
     columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from visioncare.callbacks import BestAverageAccuracy
 from visioncare.errors import ConfigurationError
-from visioncare.evaluation import predict as predict_probabilities
+from visioncare.evaluation import collect_probabilities
 from visioncare.explain import gradcam_examples
 from visioncare.inference import input_spec, load_model
 from visioncare.models.net import normalise_pretrained
@@ -121,7 +121,7 @@ def choose_operating_points(
         return
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
     was_training = model.training
-    probs, targets, _ = predict_probabilities(model.eval(), loader, model.device)
+    probs, targets, _ = collect_probabilities(model.eval(), loader, model.device)
     model.train(was_training)
     points = operating_points(probs, targets, target_sensitivity)
     model.operating_points = points
