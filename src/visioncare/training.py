@@ -120,9 +120,8 @@ def choose_operating_points(
         log.warning("No validation images: referable decisions will use P(referable) >= 0.5")
         return
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
-    was_training = model.training
-    probs, targets, _ = collect_probabilities(model.eval(), loader, model.device)
-    model.train(was_training)
+    # trainer.predict puts the model in eval mode and restores its modes afterwards.
+    probs, targets, _ = collect_probabilities(model, loader, model.device)
     points = operating_points(probs, targets, target_sensitivity)
     model.operating_points = points
     store_operating_points(ckpt_path, points)
