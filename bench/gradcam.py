@@ -6,7 +6,7 @@ photo, blended and written as a full-resolution PNG — about 5 s per photo on 2
 reference loop below reproduces that work (same network, same preprocessing, same overlay
 library calls) so the two can be timed side by side on this machine.
 
-`visioncare.prediction.write_gradcam` now explains ``--batch-size`` photos for both tasks in one
+`visioncare.explain.write_gradcam` now explains ``--batch-size`` photos for both tasks in one
 forward/backward of one `GradCAM` object and draws on the cropped fundus at ``--overlay-size``.
 
 Model: one training step of ``--backbone`` at ``--image-size`` (the real pipeline,
@@ -33,8 +33,8 @@ from skimage import data
 from torch import Tensor, nn
 
 from visioncare import TASKS
+from visioncare.explain import find_target_layer, write_gradcam
 from visioncare.inference import ImagePreprocessor, InputSpec, input_spec, load_model
-from visioncare.prediction import find_target_layer, write_gradcam
 
 TARGET_SPEEDUP = 5.0
 
@@ -104,8 +104,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
         tmp = Path(name)
         with quiet():
             ckpt = make_checkpoint(tmp, args)
-        model, config = load_model(ckpt, "cpu")
-        spec = input_spec(model, config)
+        model, _ = load_model(ckpt, "cpu")
+        spec = input_spec(model)
         photos = write_photos(tmp / "photos", args.images, args.photo_width)
         preprocessor = ImagePreprocessor(spec)
         with torch.no_grad():

@@ -106,8 +106,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
         with quiet():
             ckpt = make_checkpoint(tmp, args)
             onnx_path = export_onnx(tmp, ckpt)
-        model, config = load_model(ckpt, "cpu")
-        spec = input_spec(model, config)
+        model, _ = load_model(ckpt, "cpu")
+        spec = input_spec(model)
         onnx_net, onnx_spec = load_onnx(onnx_path)
         assert onnx_spec == spec, "the export's preprocessing must equal the checkpoint's"
         photos = synthetic_test_photos(tmp)[: args.images]

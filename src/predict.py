@@ -1,6 +1,6 @@
 """Predict DR/DME grades: `python src/predict.py ckpt_path=<ckpt> input=<dir|glob|csv>`.
 
-See conf/predict.yaml for the options and `visioncare.prediction` for the logic.
+See conf/predict.yaml for the options and `visioncare.prediction.run_predict` for the logic.
 """
 
 import os
@@ -12,7 +12,7 @@ os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from visioncare.prediction import predict  # noqa: E402
+from visioncare.prediction import run_predict  # noqa: E402
 from visioncare.utils.hydra import register_resolvers, run_main, run_task  # noqa: E402
 
 register_resolvers()
@@ -20,7 +20,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    run_task(predict, cfg)
+    run_task(run_predict, cfg)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,19 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
+from torch.utils.data import DataLoader
 
 from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES
+from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
-from visioncare.evaluation import compute_metrics, evaluate
-from visioncare.prediction import predict
+from visioncare.evaluation import (
+    build_datamodule,
+    collect_probabilities,
+    compute_metrics,
+    evaluate,
+)
+from visioncare.inference import input_spec, load_model
+from visioncare.prediction import run_predict
 
 TASKS = {"dr": 5, "dme": 3}
 REFERABLE_FROM = {"dr": 2, "dme": 1}
@@ -324,7 +332,7 @@ def test_predict_csv_equals_what_eval_scores(eval_cfg, ckpt, tmp_path):
     )  # fmt: skip
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "prun")
-    predict(cfg)
+    run_predict(cfg)
     with open(tmp_path / "prun" / "predictions.csv", newline="") as handle:
         rows = {str(Path(r["image"]).resolve()): r for r in csv.DictReader(handle)}
     assert all(r["error"] == "" for r in rows.values())
@@ -334,3 +342,55 @@ def test_predict_csv_equals_what_eval_scores(eval_cfg, ckpt, tmp_path):
         got = np.array([float(row[c]) for c in probs])
         np.testing.assert_allclose(got, [scored[c][i] for c in probs], atol=1e-5)
         assert int(row["dr_grade"]) == scored["dr_pred"][i]
+
+
+@torch.no_grad()
+def _plain_loop_probabilities(
+    model: torch.nn.Module, loader: DataLoader, tta: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """The inference loop eval ran before `trainer.predict`: the reference it must still equal."""
+    probs, targets, sources = {t: [] for t in TASKS}, {t: [] for t in TASKS}, []
+    for batch in loader:
+        images = batch["image"]
+        views = [images, images.flip(3), images.flip(2)] if tta else [images]
+        summed: dict[str, torch.Tensor] = {}
+        for view in views:
+            logits = model(view)
+            for task in TASKS:
+                p = logits[task].float().softmax(dim=1)
+                summed[task] = summed[task] + p if task in summed else p
+        for task in TASKS:
+            probs[task].append(summed[task] / len(views))
+            targets[task].append(batch[task])
+        sources.append(torch.as_tensor(batch["source"]))
+    return (
+        {t: torch.cat(v) for t, v in probs.items()},
+        {t: torch.cat(v) for t, v in targets.items()},
+        torch.cat(sources),
+    )
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_trainer_predict_probabilities_equal_the_plain_loop(eval_cfg, ckpt, tta):
+    """`collect_probabilities` (`predict_step` through `trainer.predict`) gives the plain loop's
+    probabilities, labels and sources, in the same order, bit for bit."""
+    model, config = load_model(ckpt, "cpu")
+    spec = input_spec(model)
+    datamodule = build_datamodule(eval_cfg(), config, spec)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    dataset = datamodule.datasets["test"]
+    dataset.transform = build_eval_transform(spec.image_size, spec.mean, spec.std)
+    loader = DataLoader(dataset, batch_size=5, shuffle=False)  # 16 images: a short last batch
+    probs, targets, sources = collect_probabilities(model, loader, "cpu", tta=tta)
+    expected_probs, expected_targets, expected_sources = _plain_loop_probabilities(
+        model, loader, tta
+    )
+    assert not model.training
+    assert torch.equal(sources, expected_sources)
+    for task, n in TASKS.items():
+        assert probs[task].shape == (len(dataset), n) and probs[task].dtype == torch.float32
+        assert torch.equal(targets[task], expected_targets[task])
+        difference = float((probs[task] - expected_probs[task]).abs().max())
+        print(f"tta={tta} {task}: max |trainer.predict - plain loop| = {difference:.3g}")
+        assert difference == 0.0

@@ -30,7 +30,7 @@ from visioncare.export import (
 )
 from visioncare.inference import load_model, load_onnx
 from visioncare.models.net import TwoHeadNet
-from visioncare.prediction import predict
+from visioncare.prediction import run_predict
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ def test_predict_with_the_onnx_export_matches_the_checkpoint(exported, synthetic
     photos = _photos(synthetic_root)
     listing = tmp_path / "list.csv"
     listing.write_text("image\n" + "".join(f"{p}\n" for p in photos))
-    from_ckpt = predict(predict_cfg(tmp_path / "ckpt", ckpt, listing))
-    from_onnx = predict(predict_cfg(tmp_path / "onnx", out / "model.onnx", listing))
+    from_ckpt = run_predict(predict_cfg(tmp_path / "ckpt", ckpt, listing))
+    from_onnx = run_predict(predict_cfg(tmp_path / "onnx", out / "model.onnx", listing))
     expected = _probabilities(Path(from_ckpt["output"]))
     got = _probabilities(Path(from_onnx["output"]))
     assert got.shape == (len(photos), 8)
@@ -159,12 +159,12 @@ def test_onnx_predict_needs_preprocessing_json_and_refuses_gradcam(
     _, out, _ = exported
     photos = _photos(synthetic_root, 1)
     with pytest.raises(ConfigurationError, match="explain=true needs the PyTorch checkpoint"):
-        predict(predict_cfg(tmp_path, out / "model.onnx", photos[0], "explain=true"))
+        run_predict(predict_cfg(tmp_path, out / "model.onnx", photos[0], "explain=true"))
     lonely = tmp_path / "alone" / "model.onnx"
     lonely.parent.mkdir()
     shutil.copy(out / "model.onnx", lonely)
     with pytest.raises(ConfigurationError, match=r"preprocessing\.json is missing"):
-        predict(predict_cfg(tmp_path, lonely, photos[0]))
+        run_predict(predict_cfg(tmp_path, lonely, photos[0]))
 
 
 def test_an_onnx_file_that_is_not_a_visioncare_export_is_refused(exported, tmp_path):

@@ -16,9 +16,9 @@ def test_checkpoint_rebuilds_model_and_preprocessing(make_cfg):
     cfg = make_cfg("trainer.max_epochs=1", "logger=none", "test=false")
     train(cfg)
     best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
-    model, config = load_model(best)
+    model, _ = load_model(best)
     assert model.net.backbone.default_cfg["architecture"] == "test_efficientnet"
-    spec = input_spec(model, config)
+    spec = input_spec(model)
     assert spec.image_size == 64 and spec.preprocess.size == 72
     # The same tensor the validation loader builds for an image.
     dm: FundusDataModule = instantiate(cfg.data)

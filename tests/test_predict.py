@@ -1,4 +1,4 @@
-"""Batch prediction (`src/predict.py`): inputs, error rows, probabilities, Grad-CAM overlays."""
+"""Batch prediction (`src/predict.py`): inputs, error rows, probabilities, explain=true."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import timm
 import torch
 from skimage import data
 
@@ -17,7 +16,7 @@ from tests.conftest import predict_cfg
 from tests.test_dicom import write_dicom
 from visioncare.errors import ConfigurationError
 from visioncare.inference import ImagePreprocessor, input_spec, load_model
-from visioncare.prediction import csv_columns, find_target_layer, predict, write_gradcam
+from visioncare.prediction import csv_columns, run_predict
 
 NUM_IMAGES = 5
 
@@ -53,7 +52,7 @@ def _folder(tmp_path: Path, images: list[Path]) -> Path:
 def test_folder_input_with_corrupt_file(tmp_path, trained):
     ckpt, images = trained
     folder = _folder(tmp_path, images)
-    result = predict(predict_cfg(tmp_path, ckpt, folder))
+    result = run_predict(predict_cfg(tmp_path, ckpt, folder))
     rows = _read(Path(result["output"]))
     assert Path(result["output"]) == tmp_path / "run" / "predictions.csv"
     assert len(rows) == NUM_IMAGES + 1  # .txt skipped, corrupt file kept with its error
@@ -76,14 +75,16 @@ def test_folder_input_with_corrupt_file(tmp_path, trained):
 def test_glob_and_csv_inputs(tmp_path, trained):
     ckpt, images = trained
     folder = _folder(tmp_path, images)
-    result = predict(predict_cfg(tmp_path, ckpt, f"{folder}/sub/*.*", "output=glob.csv"))
+    result = run_predict(predict_cfg(tmp_path, ckpt, f"{folder}/sub/*.*", "output=glob.csv"))
     rows = _read(Path(result["output"]))
     assert len(rows) == NUM_IMAGES // 2 and not any(r["error"] for r in rows)
 
     listing = folder / "list.csv"
     listing.write_text("image,note\nimg0" + images[0].suffix.upper() + ",a\nsub/img1"
                        + images[1].suffix.upper() + ",b\n")  # fmt: skip
-    result = predict(predict_cfg(tmp_path, ckpt, listing, f"output={tmp_path / 'out' / 'csv.csv'}"))
+    result = run_predict(
+        predict_cfg(tmp_path, ckpt, listing, f"output={tmp_path / 'out' / 'csv.csv'}")
+    )
     rows = _read(tmp_path / "out" / "csv.csv")
     assert [Path(r["image"]).name for r in rows] == [
         f"img0{images[0].suffix.upper()}", f"img1{images[1].suffix.upper()}",
@@ -91,7 +92,7 @@ def test_glob_and_csv_inputs(tmp_path, trained):
     assert not any(r["error"] for r in rows)
 
     with pytest.raises(ConfigurationError, match="nothing-here"):
-        predict(predict_cfg(tmp_path, ckpt, tmp_path / "nothing-here" / "*.jpg"))
+        run_predict(predict_cfg(tmp_path, ckpt, tmp_path / "nothing-here" / "*.jpg"))
 
 
 def test_predictions_match_the_models_forward(tmp_path, trained):
@@ -101,10 +102,10 @@ def test_predictions_match_the_models_forward(tmp_path, trained):
     copies = [
         Path(shutil.copy(image, folder / f"{i}_{image.name}")) for i, image in enumerate(images)
     ]
-    result = predict(predict_cfg(tmp_path, ckpt, folder, "batch_size=3"))
+    result = run_predict(predict_cfg(tmp_path, ckpt, folder, "batch_size=3"))
     rows = {Path(r["image"]).name: r for r in _read(Path(result["output"]))}
-    model, config = load_model(ckpt)
-    preprocessor = ImagePreprocessor(input_spec(model, config))
+    model, _ = load_model(ckpt)
+    preprocessor = ImagePreprocessor(input_spec(model))
     for image in copies:
         with torch.no_grad():
             logits = model(preprocessor(image)[None])
@@ -123,7 +124,7 @@ def test_explain_overlays_the_cropped_fundus(tmp_path, trained):
     folder.mkdir()
     for image in images[:2]:
         shutil.copy(image, folder / image.name)
-    predict(predict_cfg(tmp_path, ckpt, folder, "explain=true", "explain_size=160"))
+    run_predict(predict_cfg(tmp_path, ckpt, folder, "explain=true", "explain_size=160"))
     for image in images[:2]:
         for task in ("dr", "dme"):
             overlay = cv2.imread(str(tmp_path / "run" / "gradcam" / f"{image.stem}_{task}.png"))
@@ -131,29 +132,6 @@ def test_explain_overlays_the_cropped_fundus(tmp_path, trained):
             corners = overlay[[0, 0, -1, -1], [0, -1, 0, -1]]
             assert not corners.any()  # outside the circle: black, no heat colours
             assert overlay[80, 80].any()  # the centre of the field is drawn
-
-
-def test_batched_gradcam_equals_one_image_at_a_time(tmp_path, trained):
-    """Batching (both tasks, several images per pass) must not change any image's CAM."""
-    ckpt, images = trained
-    model, config = load_model(ckpt)
-    spec = input_spec(model, config)
-    paths = images[:3]
-    preprocessor = ImagePreprocessor(spec)
-    with torch.no_grad():
-        logits = model(torch.stack([preprocessor(p) for p in paths]))
-    probs = {task: value.softmax(dim=1) for task, value in logits.items()}
-    errors = [""] * len(paths)
-    one = write_gradcam(model, spec, paths, probs, errors, tmp_path / "one", batch_size=1, size=96)
-    many = write_gradcam(
-        model, spec, paths, probs, errors, tmp_path / "many", batch_size=3, size=96
-    )
-    assert sorted(p.name for p in one) == sorted(p.name for p in many)
-    assert len(one) == 2 * len(paths)
-    for path in one:
-        a = cv2.imread(str(path)).astype(int)
-        b = cv2.imread(str(tmp_path / "many" / path.name)).astype(int)
-        assert np.abs(a - b).max() <= 2, path.name
 
 
 def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
@@ -169,7 +147,7 @@ def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     dark = (photo * 0.15).astype(np.uint8)
     cv2.imwrite(str(folder / "dark.png"), cv2.cvtColor(dark, cv2.COLOR_RGB2BGR))
     (folder / "cut.jpg").write_bytes((folder / "photo.jpg").read_bytes()[:500])
-    result = predict(predict_cfg(tmp_path, ckpt, folder))
+    result = run_predict(predict_cfg(tmp_path, ckpt, folder))
     rows = {Path(r["image"]).name: r for r in _read(Path(result["output"]))}
     assert sorted(rows) == ["cut.jpg", "dark.png", "no_image.dcm", "op_rgb.dcm", "photo.jpg"]
     assert "without pixel data" in rows["no_image.dcm"]["error"]
@@ -179,12 +157,3 @@ def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     assert rows["op_rgb.dcm"]["quality"] == "ok" and rows["photo.jpg"]["quality"] == "ok"
     assert rows["dark.png"]["quality"] == "too_dark"
     assert rows["no_image.dcm"]["quality"] == ""
-
-
-@pytest.mark.parametrize(
-    ("backbone", "expected"), [("test_efficientnet", "bn2"), ("resnet18", "layer4")]
-)
-def test_gradcam_target_is_the_last_spatial_feature_map(backbone, expected):
-    net = timm.create_model(backbone, pretrained=False, num_classes=0)
-    layer = find_target_layer(net, image_size=64)
-    assert [name for name, module in net.named_modules() if module is layer] == [expected]

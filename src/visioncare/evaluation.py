@@ -32,11 +32,14 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -97,8 +100,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "fraction in (0, 1), e.g. 0.95"
         )
     device = str(resolve_device(str(cfg.get("device", "auto"))))
+    trainer_device(device)  # a device the Trainer cannot run on fails before any data work
     model, config = load_model(ckpt_path, device=device)
-    spec = input_spec(model, config)
+    spec = input_spec(model)
     datamodule = build_datamodule(cfg, config, spec)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -121,7 +125,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_workers=int(cfg.num_workers),
         pin_memory=device.startswith("cuda"),
     )
-    probs, targets, source_ids = predict(model, loader, device, tta=bool(cfg.get("tta", False)))
+    probs, targets, source_ids = collect_probabilities(
+        model, loader, device, tta=bool(cfg.get("tta", False)), progress=True
+    )
     records = datamodule.splits[split]
     names = datamodule.source_names
     thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
@@ -149,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     )
     write_metrics_json(output_dir / "metrics.json", metrics)
-    write_predictions(output_dir / "predictions.csv", records, probs, targets)
+    write_split_predictions(output_dir / "predictions.csv", records, probs, targets)
     plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
     write_report(
         output_dir / "report.md",
@@ -213,36 +219,89 @@ def build_datamodule(cfg: DictConfig, config: dict, spec: InputSpec) -> FundusDa
     return instantiate(data)
 
 
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module, loader: DataLoader, device: str, tta: bool = False
+def collect_probabilities(
+    model: L.LightningModule,
+    loader: DataLoader,
+    device: str | torch.device,
+    tta: bool = False,
+    progress: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Softmax probabilities per task (N, C), labels per task (N,) and source ids (N,).
 
-    With ``tta`` the probabilities are the mean over identity, horizontal and vertical flips
-    (fundus photographs have no canonical orientation, so every flip is a valid view).
+    The probabilities are the model's own `predict_step` run by `trainer.predict`, so eval scores
+    exactly what the LightningModule computes. With ``tta`` they are the mean over identity,
+    horizontal and vertical flips (fundus photographs have no canonical orientation, so every
+    flip is a valid view). ``model`` is left on the device it was on.
     """
-    probs: dict[str, list[Tensor]] = {t: [] for t in TASKS}
-    targets: dict[str, list[Tensor]] = {t: [] for t in TASKS}
-    sources: list[Tensor] = []
-    for batch in loader:
-        images = batch["image"].to(device)
-        views = [images, images.flip(3), images.flip(2)] if tta else [images]
-        summed: dict[str, Tensor] = {}
-        for view in views:
-            logits = model(view)
-            for task in TASKS:
-                p = logits[task].float().softmax(dim=1)
-                summed[task] = summed[task] + p if task in summed else p
-        for task in TASKS:
-            probs[task].append((summed[task] / len(views)).cpu())
-            targets[task].append(batch[task].cpu())
-        sources.append(torch.as_tensor(batch["source"]).cpu())
-    return (
-        {t: torch.cat(v) for t, v in probs.items()},
-        {t: torch.cat(v) for t, v in targets.items()},
-        torch.cat(sources),
+    batches = _LabelledViews(loader, tta)
+    accelerator, devices = trainer_device(device)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        callbacks=[RichProgressBar()] if progress else None,
+        enable_model_summary=False,
+        precision="32-true",
     )
+    where = next(model.parameters()).device
+    outputs = trainer.predict(model, dataloaders=batches)
+    model.to(where)  # Lightning's teardown moves the module to the CPU
+    views = len(batches.views)
+    probs = {}
+    for task in TASKS:
+        per_batch = []
+        for start in range(0, len(outputs), views):
+            summed = outputs[start][task]
+            for output in outputs[start + 1 : start + views]:
+                summed = summed + output[task]
+            per_batch.append(summed / views)
+        probs[task] = torch.cat(per_batch)
+    return (
+        probs,
+        {t: torch.cat(v) for t, v in batches.targets.items()},
+        torch.cat(batches.sources),
+    )
+
+
+def trainer_device(device: str | torch.device) -> tuple[str, int | list[int]]:
+    """A torch device (`device=` of eval.py, a model's device) as the Trainer's accelerator and
+    devices: ``cuda:1`` must stay GPU 1, which ``devices=1`` (the first GPU) would not be."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        return "cuda", 1 if resolved.index is None else [resolved.index]
+    if resolved.type in ("cpu", "mps"):
+        return resolved.type, 1
+    raise ConfigurationError(
+        f"device={device!s} is not supported for evaluation; use auto, cpu, cuda, cuda:N or mps"
+    )
+
+
+class _LabelledViews:
+    """The loader's batches, each followed by its flipped views with ``tta``; keeps the labels.
+
+    Every view of a batch is its own `predict_step` batch, so memory stays at one batch and the
+    views reach the network exactly as the loader sized them. Labels and sources are kept here
+    on the host, once per batch, as the batches pass.
+    """
+
+    def __init__(self, loader: DataLoader, tta: bool) -> None:
+        self.loader = loader
+        self.views: list[tuple[int, ...]] = [(), (3,), (2,)] if tta else [()]
+        self.targets: dict[str, list[Tensor]] = {t: [] for t in TASKS}
+        self.sources: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.loader) * len(self.views)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            for task in TASKS:
+                self.targets[task].append(batch[task])
+            self.sources.append(torch.as_tensor(batch["source"]))
+            for dims in self.views:
+                yield {**batch, "image": batch["image"].flip(dims)} if dims else batch
 
 
 def compute_metrics(
@@ -296,9 +355,8 @@ def _task_metrics(
     metrics = MultiTaskMetrics(prefix)
     metrics.update(probs, targets)
     out: dict[str, Any] = {k: _number(v) for k, v in metrics.compute().items()}
-    for task, task_metrics in metrics.per_task.items():
-        if task_metrics.labelled():
-            matrix = task_metrics.confusion.compute()
+    for task, matrix in metrics.confusion_matrices().items():
+        if matrix.sum() > 0:
             out[f"{prefix}/confusion_{task}"] = matrix.tolist()
             for k, support in enumerate(matrix.sum(dim=1).tolist()):
                 if support == 0:
@@ -377,10 +435,11 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
-def write_predictions(
+def write_split_predictions(
     path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
 ) -> None:
-    """predictions.csv: image, source, patient, true/predicted grades and every probability."""
+    """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
+    every probability (the clinic CSV of predict.py is `prediction.write_predictions`)."""
     columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}

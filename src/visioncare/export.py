@@ -151,7 +151,7 @@ def preprocessing_spec(spec: InputSpec, backbone: str) -> dict[str, Any]:
 def export(cfg: DictConfig) -> dict[str, Any]:
     """The `export` task: checkpoint → model.onnx, model.safetensors, preprocessing.json."""
     model, config = load_model(cfg.ckpt_path, device="cpu")
-    spec = input_spec(model, config)
+    spec = input_spec(model)
     backbone = str(model.hparams.get("backbone", config.get("model", {}).get("backbone", "")))
     out_dir = Path(cfg.output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,12 +51,8 @@ def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[VisionCareMo
     return model.eval().to(device), config
 
 
-def input_spec(model: VisionCareModule, config: dict | None = None) -> InputSpec:
-    """The preprocessing ``model`` was trained with, as recorded in its checkpoint.
-
-    ``config`` is unused by current checkpoints; it is kept for callers that pass the run
-    config along.
-    """
+def input_spec(model: VisionCareModule) -> InputSpec:
+    """The preprocessing ``model`` was trained with, as recorded in its checkpoint."""
     if model.input_spec is None:
         raise ConfigurationError(
             "the model carries no input spec; load it from a VisionCare checkpoint "

@@ -59,8 +59,8 @@ def settings_from(cfg: DictConfig) -> Settings:
         if path.suffix.lower() == ".onnx":
             spec = onnx_input_spec(path)
         else:
-            model, config = load_model(path)
-            spec = input_spec(model, config)
+            model, _ = load_model(path)
+            spec = input_spec(model)
         return Settings(spec.image_size, spec.preprocess)
     image_size = check_int_at_least(cfg.image_size, "image_size")
     if cfg.cache_size is None:

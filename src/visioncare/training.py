@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 
 from visioncare.callbacks import BestAverageAccuracy, RunConfigRecord
 from visioncare.errors import ConfigurationError
-from visioncare.evaluation import predict as predict_probabilities
+from visioncare.evaluation import collect_probabilities
+from visioncare.explain import gradcam_examples
 from visioncare.inference import load_model
 from visioncare.models.net import normalise_pretrained
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
-from visioncare.prediction import gradcam_examples
 from visioncare.referral import (
     DEFAULT_TARGET_SENSITIVITY,
     operating_points,
@@ -121,9 +121,8 @@ def choose_operating_points(
         log.warning("No validation images: referable decisions will use P(referable) >= 0.5")
         return
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
-    was_training = model.training
-    probs, targets, _ = predict_probabilities(model.eval(), loader, model.device)
-    model.train(was_training)
+    # trainer.predict puts the model in eval mode and restores its modes afterwards.
+    probs, targets, _ = collect_probabilities(model, loader, model.device)
     points = operating_points(probs, targets, target_sensitivity)
     model.operating_points = points
     store_operating_points(ckpt_path, points)

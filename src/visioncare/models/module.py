@@ -269,6 +269,14 @@ class VisionCareModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.model_step(batch, "test")
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Float32 softmax probabilities per task, (N, C): what eval scores, from `trainer.predict`.
+
+        Every sample is kept: `trainer.predict` runs single-process, so no shard is padded.
+        """
+        logits = self(batch["image"])
+        return {task: logits[task].float().softmax(dim=1) for task in TASKS}
+
     # ----------------------------------------------------------------------------- epoch ends
     def on_train_epoch_start(self) -> None:
         # Callbacks' epoch-start hooks run first: the unfreezing stage of this epoch is set.

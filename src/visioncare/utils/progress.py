@@ -1,0 +1,15 @@
+"""The one progress bar of batch prediction and Grad-CAM, so both look alike in a terminal."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def progress_bar() -> Progress:
+    """A rich bar: description, bar, done/total, elapsed time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
