@@ -150,7 +150,7 @@ def warm_epochs(
     pretrained = timm.models.get_pretrained_cfg(backbone)  # mean/std as the backbone expects
     transform = build_train_transform(IMAGE_SIZE, pretrained.mean, pretrained.std, AugmentConfig())
     dataset = FundusDataset(records, files, transform, seed=0)
-    sampler = EpochSeededSampler(len(dataset), seed=0, shuffle=True)
+    sampler = EpochSeededSampler(dataset, num_replicas=1, rank=0, seed=0)
     loader = DataLoader(
         dataset,
         batch_size=BATCH_SIZE,
