@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import CONF
 from tests.test_idrid import make_idrid
+from visioncare.callbacks import EpochMetricsCSV
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.data.dataset import EpochSeededSampler
 from visioncare.data.sources.idrid import IDRiDSource
@@ -98,6 +101,31 @@ def test_sampler_order_is_reproducible_and_sharded():
     shards = [list(EpochSeededSampler(range(10), num_replicas=3, rank=r, seed=1)) for r in range(3)]
     assert {len(s) for s in shards} == {4}  # equal length on every rank
     assert {i for shard in shards for _, i in shard} == set(range(10))
+    # torch shuffles with seed + epoch: neighbouring run seeds must not replay each other.
+    later = EpochSeededSampler(range(50), seed=0)
+    later.set_epoch(1)
+    assert list(EpochSeededSampler(range(50), seed=1)) != [(0, i) for _, i in later]
+
+
+def test_metrics_csv_keeps_earlier_rows_when_resuming_mid_epoch(tmp_path):
+    """A resume inside epoch 2 (no epoch start hook) keeps rows 0-1 and replaces row 2."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,val/avg_acc\n0,0.5\n1,0.6\n2,0.1\n")
+    csv_cb = EpochMetricsCSV(str(path))
+    trainer = SimpleNamespace(
+        current_epoch=2, callback_metrics={"val/avg_acc": torch.tensor(0.75)},
+        optimizers=[SimpleNamespace(param_groups=[{"lr": 0.01}])], is_global_zero=True,
+    )  # fmt: skip
+    csv_cb.on_train_start(trainer, None)
+    csv_cb.on_train_batch_start(trainer, None, None, 5)
+    csv_cb.on_train_epoch_end(trainer, None)
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["epoch"], r["val/avg_acc"]) for r in rows] == [
+        ("0", "0.5"),
+        ("1", "0.6"),
+        ("2", "0.7"),
+    ]
+    assert rows[2]["lr"] == "0.01"
 
 
 def test_unknown_data_key_is_named(tmp_path):

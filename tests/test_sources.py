@@ -639,3 +639,22 @@ def test_dr_only_training_leaves_sigma_dme_at_its_initial_value(tmp_path, make_c
         rows = list(csv.DictReader(handle))
     assert [float(r["loss/sigma_dme"]) for r in rows] == [1.0, 1.0]
     assert all(float(r["loss/sigma_dr"]) != 1.0 for r in rows)  # the graded task did move
+
+
+def test_skipping_a_bad_image_leaves_the_test_split_alone(tmp_path, make_cfg):
+    """The test hold-out is drawn from every listed image, before undecodable ones are dropped."""
+    grades = [g for g in range(5) for _ in range(6)]
+    intact = make_aptos(tmp_path / "intact", grades)
+    broken = make_aptos(tmp_path / "broken", grades)
+    bad = sorted((broken / "train_images").glob("*.png"))[3]
+    bad.write_bytes(b"not an image")
+
+    def test_keys(root: Path) -> list[str]:
+        overrides = ("data=aptos", f"data.root={root}", "data.on_bad_image=skip")
+        dm = instantiate(make_cfg(*overrides).data)
+        dm.prepare_data()
+        dm.setup("fit")
+        return [r.key.split("/", 1)[1] for r in dm.splits["test"]]
+
+    expected = [k for k in test_keys(intact) if k != bad.stem]
+    assert test_keys(broken) == expected

@@ -206,6 +206,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     random_weights = normalise_pretrained(cfg.model.pretrained) == "none"
     if random_weights and not cfg.model.weights_path and not datamodule.is_synthetic:
         log.warning(RANDOM_WEIGHTS_WARNING)
+    # Lightning calls prepare_data again inside fit (a no-op then); this early call checks and
+    # caches the data before any process group exists: a first-time cache of a large dataset
+    # must not keep the other DDP ranks at Lightning's barrier past its timeout, and bad input
+    # fails before a logger or checkpoint directory is made. The file lock serialises ranks.
+    datamodule.prepare_data()
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks.append(RunConfigRecord(OmegaConf.to_container(cfg, resolve=True)))

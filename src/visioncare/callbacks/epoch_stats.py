@@ -119,13 +119,9 @@ class EpochMetricsCSV(Callback):
         self.rows: list[dict[str, Any]] | None = None
         self._lr: float | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.rows = None
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Here, not in on_fit_start: only now does current_epoch reflect a restored checkpoint.
-        if self.rows is not None:
-            return
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning restored a checkpoint (current_epoch is the resumed one) and also
+        # when a resume starts mid-epoch (no on_train_epoch_start then): keep earlier rows.
         self.rows = []
         if self.path.exists():
             with open(self.path, newline="") as handle:
@@ -136,16 +132,18 @@ class EpochMetricsCSV(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # The LR the epoch trains with (the scheduler steps at epoch ends); read at the first
-        # batch, after every epoch-start hook. `LearningRateMonitor` logs all groups to the
-        # loggers; this is the CSV's copy of the first (heads') group.
-        if batch_idx == 0 and trainer.optimizers:
+        # The LR this epoch trains with, read at its first batch (after every epoch-start hook;
+        # Lightning steps an epoch-interval scheduler after the epoch's last batch, before the
+        # epoch-end hooks). `LearningRateMonitor` logs every group to the loggers; the CSV
+        # keeps the first (heads') group, the run's reference rate.
+        if self._lr is None and trainer.optimizers:
             self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         if self._lr is not None:
             row["lr"] = self._lr
+        self._lr = None
         for name, value in trainer.callback_metrics.items():
             if name.startswith("test/") or not hasattr(value, "numel") or value.numel() != 1:
                 continue

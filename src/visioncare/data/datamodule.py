@@ -18,7 +18,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
@@ -41,6 +41,14 @@ from visioncare.errors import ConfigurationError, DataValidationError, check_int
 from visioncare.utils.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
+
+
+class _Checked(NamedTuple):
+    """What `prepare_data` found: records per split, cache file per image, undecodable images."""
+
+    loaded: dict[str, list[Record]]
+    cached: dict[Path, Path]
+    bad: frozenset[Path]
 
 
 class FundusDataModule(L.LightningDataModule):
@@ -150,6 +158,7 @@ class FundusDataModule(L.LightningDataModule):
         self.source_names: list[str] = []
         self.cached: dict[Path, Path] = {}
         self.datasets: dict[str, FundusDataset] = {}
+        self._checked: _Checked | None = None
 
     @property
     def is_synthetic(self) -> bool:
@@ -163,17 +172,21 @@ class FundusDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate/check the dataset and build the cache (Lightning: once per node).
 
-        Holds no state: Lightning runs it in one process per node, and `setup` runs in all.
+        Sets no state the other processes need (Lightning runs it in one process per node;
+        `setup` runs in all); it only remembers its own result so this process does not
+        check everything again in `setup` or at the next Trainer call.
         """
         self._load_checked()
 
-    def _load_checked(self) -> tuple[dict[str, list[Record]], dict[Path, Path]]:
-        """The source's validated records per split and the cache file of every image."""
-        # One process at a time renders/validates/caches; the others then find it all done.
-        with exclusive_preparation(self.cache.root):
-            return self._load_checked_unlocked()
+    def _load_checked(self) -> _Checked:
+        """The source's validated records, their cache files and the undecodable images."""
+        if self._checked is None:
+            # One process at a time renders/validates/caches; the others then find it done.
+            with exclusive_preparation(self.cache.root):
+                self._checked = self._load_checked_unlocked()
+        return self._checked
 
-    def _load_checked_unlocked(self) -> tuple[dict[str, list[Record]], dict[Path, Path]]:
+    def _load_checked_unlocked(self) -> _Checked:
         # DICOM headers name the patient and eye where the source could not.
         loaded = {split: with_dicom_identity(r) for split, r in self.source.load().items()}
         validate_records(loaded, self.source.name)
@@ -189,24 +202,27 @@ class FundusDataModule(L.LightningDataModule):
                     hint="Replace or remove them, or set data.on_bad_image=skip to drop them.",
                 )
             log.warning("Skipping %d undecodable image(s):\n%s", len(errors), "\n".join(problems))
-            loaded = {s: [r for r in rs if r.image not in errors] for s, rs in loaded.items()}
-        return loaded, cached
+        return _Checked(loaded, cached, frozenset(errors))
 
-    def _draw_splits(self, loaded: dict[str, list[Record]]) -> dict[str, list[Record]]:
+    def _draw_splits(self, checked: _Checked) -> dict[str, list[Record]]:
         """Test, then validation, carved out of training per source, where the source ships none.
 
-        One function for both (`records.hold_out`). Test comes first, with its own seed, so it
-        does not depend on the validation settings.
+        One function for both (`records.hold_out`). Test comes first, with its own seed, from
+        every record the source lists — undecodable images included, so skipping a bad image
+        never moves another image in or out of the test split; then the undecodable ones are
+        dropped and validation is drawn from the training images left.
         """
         key = "data.test_fraction"
-        loaded = hold_out(loaded, "test", self.test_fraction, self.test_split_seed, key)
-        return hold_out(loaded, "val", self.val_fraction, self.split_seed, "data.val_fraction")
+        splits = hold_out(checked.loaded, "test", self.test_fraction, self.test_split_seed, key)
+        splits = {s: [r for r in rs if r.image not in checked.bad] for s, rs in splits.items()}
+        return hold_out(splits, "val", self.val_fraction, self.split_seed, "data.val_fraction")
 
     def setup(self, stage: str | None = None) -> None:
         """Splits and datasets (every process; the records are read once per datamodule)."""
         if not self.splits:
-            loaded, self.cached = self._load_checked()
-            self.splits = self._draw_splits(loaded)
+            checked = self._load_checked()
+            self.cached = checked.cached
+            self.splits = self._draw_splits(checked)
             self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
             log.info("Data %s: %s", self.source.name, self.sizes())
         train_tf = build_train_transform(self.image_size, self.mean, self.std, self.augment)

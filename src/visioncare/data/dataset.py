@@ -22,6 +22,11 @@ from visioncare.data.cache import load_cached
 from visioncare.data.records import Record
 
 
+def shuffle_seed(seed: int) -> int:
+    """A well-mixed 32-bit seed for the shuffle of the run seeded ``seed``."""
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed for one sample's augmentation in one epoch."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
@@ -111,7 +116,28 @@ class EpochSeededSampler(DistributedSampler):
     augmentation with the right epoch (`sample_seed`); Lightning calls `set_epoch` before every
     epoch. The datamodule builds it with the trainer's rank and world size, so the Trainer runs
     with ``use_distributed_sampler=False``.
+
+    torch shuffles with ``seed + epoch``: with the run's seed as is, seed s at epoch e + 1 would
+    replay seed s + 1 at epoch e. The run's seed is therefore mixed first (`shuffle_seed`).
+
+    Args:
+        dataset: the split's dataset (only its length is used).
+        num_replicas, rank: this process's shard (1 and 0 outside DDP).
+        shuffle: a new order each epoch (False: dataset order).
+        seed: the run's data seed (`data.seed`).
     """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=shuffle_seed(seed)
+        )
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch

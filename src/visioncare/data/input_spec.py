@@ -56,9 +56,10 @@ class InputSpec:
         if found != LOCALISATION_VERSION:
             # Older exports cropped to a bounding box; that code is gone, so say what changed.
             log.warning(
-                "preprocessing.json was written with fundus localisation %r; this version "
-                "crops with %r. Predictions may differ slightly from the exported model's "
-                "validation; re-export to record the current one.",
+                "this model's input spec (checkpoint or preprocessing.json) was recorded with "
+                "fundus localisation %r; this version crops with %r. Predictions may differ "
+                "slightly from the model's validation; retrain or re-export to record the "
+                "current one.",
                 found or "bounding box",
                 LOCALISATION_VERSION,
             )
@@ -89,7 +90,7 @@ def legacy_input_spec(checkpoint: dict[str, Any]) -> InputSpec | None:
         std=tuple(float(v) for v in std),
         preprocess=PreprocessConfig(
             # null in the run config = derived from image_size, exactly as the datamodule did.
-            size=int(data.get("cache_size") or default_cache_size(image_size)),
+            size=int(data.get("cache_size", image_size) or default_cache_size(image_size)),
             crop_fundus=bool(data.get("crop_fundus", True)),
             ben_graham=bool(data.get("ben_graham", False)),
         ),

@@ -247,6 +247,8 @@ class VisionCareModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is not None and epoch_ends_after(self.trainer, batch_idx):
+            if self._finite is not None:  # an epoch cut short: check before checkpoints
+                self._raise_if_diverged(batch_idx, list(TASKS))
             self._log_train_epoch()
 
     def _raise_if_diverged(self, batch_idx: int, tasks: list[str]) -> None:
