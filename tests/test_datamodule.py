@@ -123,7 +123,7 @@ def test_metrics_csv_keeps_earlier_rows_when_resuming_mid_epoch(tmp_path):
     assert [(r["epoch"], r["val/avg_acc"]) for r in rows] == [
         ("0", "0.5"),
         ("1", "0.6"),
-        ("2", "0.7"),
+        ("2", "0.75"),
     ]
     assert rows[2]["lr"] == "0.01"
 
