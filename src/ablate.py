@@ -13,7 +13,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from visioncare.ablation import ablate  # noqa: E402
-from visioncare.utils.hydra import register_resolvers, run_main, run_task  # noqa: E402
+from visioncare.cli import register_resolvers, run_main, run_task  # noqa: E402
 
 register_resolvers()
 

@@ -12,8 +12,8 @@ os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from visioncare.cli import register_resolvers, run_main, run_task  # noqa: E402
 from visioncare.prediction import run_predict  # noqa: E402
-from visioncare.utils.hydra import register_resolvers, run_main, run_task  # noqa: E402
 
 register_resolvers()
 

@@ -14,8 +14,8 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.cli import run_task, user_error_message
 from visioncare.errors import ConfigurationError
-from visioncare.utils.hydra import run_task, user_error_message
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONF, ROOT, TINY_OVERRIDES
+from visioncare.cli import register_resolvers
 from visioncare.utils import launcher
-from visioncare.utils.hydra import register_resolvers
 
 # A launcher's variables in the environment of the process running the tests must not leak in.
 LAUNCHER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from visioncare.callbacks import BestAverageAccuracy, RunConfigRecord
+from visioncare.cli import instantiate_group
 from visioncare.errors import ConfigurationError
 from visioncare.evaluation import collect_probabilities
 from visioncare.explain import gradcam_examples
@@ -38,7 +39,6 @@ from visioncare.referral import (
 )
 from visioncare.utils.accelerator import enable_tf32, resolve_trainer_flags, trainer_flags
 from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path
-from visioncare.utils.hydra import instantiate_group
 from visioncare.utils.launcher import checkpoint_to_resume
 from visioncare.utils.run_summary import print_summary_table, write_plots, write_summary
 

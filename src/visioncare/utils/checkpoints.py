@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from visioncare.data.input_spec import CHECKPOINT_KEY as INPUT_SPEC_KEY
 from visioncare.errors import ConfigurationError
 
 log = logging.getLogger("visioncare")
@@ -132,9 +131,9 @@ def check_visioncare_checkpoint(path: str | Path) -> dict:
             "pass a VisionCare last.ckpt or best.ckpt"
         ) from None
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    # Every VisionCare checkpoint has an input spec (older ones: the backbone's data config).
-    has_spec = INPUT_SPEC_KEY in checkpoint or "visioncare_data_config" in checkpoint
-    if not has_spec or not any(k.startswith("net.") for k in state):
+    # VisionCareModule's own: its constructor arguments name a backbone, its weights sit under net.
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if "backbone" not in hparams or not any(k.startswith("net.") for k in state):
         raise ConfigurationError(
             f"ckpt_path={str(path)!r} is not a VisionCare checkpoint (no VisionCare model state); "
             "pass a VisionCare last.ckpt or best.ckpt"

@@ -1,4 +1,5 @@
-"""Hydra wiring: instantiate config groups of named objects; run a task with friendly errors."""
+"""The entry points' Hydra wiring: config resolvers, instantiating config groups of named objects,
+and running a task so that a user's mistake ends with one `ERROR:` line (exit 2)."""
 
 from __future__ import annotations
 
