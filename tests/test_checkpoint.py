@@ -108,3 +108,10 @@ def test_non_finite_loss_stops_training_naming_the_task():
     module.training_step(batch, 1)
     with pytest.raises(TrainingDivergedError, match=r"task: dme\) at epoch 0, batches 0-2"):
         module.training_step(batch, 2)
+    # An epoch shorter than the check interval is checked after its last batch, before any
+    # epoch-end checkpoint.
+    module._trainer = SimpleNamespace(current_epoch=0, num_training_batches=2, max_steps=-1)
+    module.training_step(batch, 0)
+    module.training_step(batch, 1)
+    with pytest.raises(TrainingDivergedError, match=r"task: dme\) at epoch 0, batches 0-1"):
+        module.on_train_batch_end(None, batch, 1)

@@ -84,17 +84,18 @@ class EpochStats(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._start is not None and epoch_ends_after(trainer, batch_idx):
-            self._log(pl_module, time.perf_counter() - self._start)
-            self._start = None
+        if epoch_ends_after(trainer, batch_idx):
+            self._log_once(pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._start is not None:  # the epoch ended before its planned last batch
-            self._log(pl_module, time.perf_counter() - self._start)
-            self._start = None
+        self._log_once(pl_module)  # a no-op unless the epoch ended before its last batch
 
-    def _log(self, pl_module: L.LightningModule, seconds: float) -> None:
-        pl_module.log("time/epoch_s", float(seconds), on_step=False, on_epoch=True)
+    def _log_once(self, pl_module: L.LightningModule) -> None:
+        """Log this epoch's time and memory, the first time it is asked only."""
+        if self._start is None:
+            return
+        seconds, self._start = time.perf_counter() - self._start, None
+        pl_module.log("time/epoch_s", seconds, on_step=False, on_epoch=True)
         pl_module.log("memory/rss_mb", peak_rss_mb(), on_step=False, on_epoch=True)
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20

@@ -156,13 +156,17 @@ class FundusDataModule(L.LightningDataModule):
         self.balance_classes = balance_classes
         self.splits: dict[str, list[Record]] = {}
         self.source_names: list[str] = []
-        self.cached: dict[Path, Path] = {}
         self.datasets: dict[str, FundusDataset] = {}
         self._checked: _Checked | None = None
 
     @property
     def is_synthetic(self) -> bool:
         return self.source.is_synthetic
+
+    @property
+    def cached(self) -> dict[Path, Path]:
+        """Source image → its preprocessed cache file (empty until the data is checked)."""
+        return self._checked.cached if self._checked is not None else {}
 
     def input_spec(self) -> InputSpec:
         """What the network is fed: preprocessing, resize and normalisation (for checkpoints)."""
@@ -220,9 +224,7 @@ class FundusDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Splits and datasets (every process; the records are read once per datamodule)."""
         if not self.splits:
-            checked = self._load_checked()
-            self.cached = checked.cached
-            self.splits = self._draw_splits(checked)
+            self.splits = self._draw_splits(self._load_checked())
             self.source_names = sorted({r.source for rs in self.splits.values() for r in rs})
             log.info("Data %s: %s", self.source.name, self.sizes())
         train_tf = build_train_transform(self.image_size, self.mean, self.std, self.augment)

@@ -234,20 +234,18 @@ class VisionCareModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, task_losses = self.model_step(batch, "train")
         # Finiteness is accumulated on the device and read back every `nonfinite_check_every`
-        # batches and at the epoch's last one: a GPU is not synchronised every step, and the
-        # check still comes before the epoch's checkpoints could store diverged weights.
+        # batches and after the epoch's last one (`on_train_batch_end`): a GPU is not
+        # synchronised every step, and the check still comes before the epoch's checkpoints
+        # could store diverged weights.
         finite = torch.stack([torch.isfinite(v.detach()) for v in (total, *task_losses.values())])
         self._finite = finite if self._finite is None else self._finite & finite
-        if self._is_last_batch(batch_idx) or (batch_idx + 1) % self.nonfinite_check_every == 0:
+        if (batch_idx + 1) % self.nonfinite_check_every == 0:
             self._raise_if_diverged(batch_idx, list(task_losses))
         return total
 
-    def _is_last_batch(self, batch_idx: int) -> bool:
-        return self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is not None and epoch_ends_after(self.trainer, batch_idx):
-            if self._finite is not None:  # an epoch cut short: check before checkpoints
+            if self._finite is not None:  # losses since the last periodic check
                 self._raise_if_diverged(batch_idx, list(TASKS))
             self._log_train_epoch()
 
