@@ -189,7 +189,7 @@ def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path)
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    from visioncare.cli import register_resolvers
+    from visioncare.config import register_resolvers
 
     os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
     register_resolvers()

@@ -39,7 +39,7 @@ from visioncare.data.cache import PreprocessedCache
 from visioncare.data.dataset import EpochSeededSampler, FundusDataset
 from visioncare.data.preprocess import PreprocessConfig, preprocess
 from visioncare.data.records import Record
-from visioncare.data.synthetic import render_fundus
+from visioncare.data.synthetic.render import render_fundus
 from visioncare.data.transforms import AugmentConfig, build_train_transform
 from visioncare.models.net import TwoHeadNet
 from visioncare.utils.accelerator import resolve_precision

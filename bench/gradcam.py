@@ -6,8 +6,8 @@ photo, blended and written as a full-resolution PNG — about 5 s per photo on 2
 reference loop below reproduces that work (same network, same preprocessing, same overlay
 library calls) so the two can be timed side by side on this machine.
 
-`visioncare.explain.write_gradcam` now explains ``--batch-size`` photos for both tasks in one
-forward/backward of one `GradCAM` object and draws on the cropped fundus at ``--overlay-size``.
+`visioncare.serving.explain.write_gradcam` now explains ``--batch-size`` photos for both tasks in
+one forward/backward of one `GradCAM` object and draws on the cropped fundus at ``--overlay-size``.
 
 Model: one training step of ``--backbone`` at ``--image-size`` (the real pipeline,
 `bench/inference.make_checkpoint`). Photos: scikit-image's real `retina.jpg` placed in
@@ -33,8 +33,9 @@ from skimage import data
 from torch import Tensor, nn
 
 from visioncare import TASKS
-from visioncare.explain import find_target_layer, write_gradcam
-from visioncare.inference import ImagePreprocessor, InputSpec, input_spec, load_model
+from visioncare.data.input_spec import InputSpec
+from visioncare.serving.explain import find_target_layer, write_gradcam
+from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model
 
 TARGET_SPEEDUP = 5.0
 

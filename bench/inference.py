@@ -2,13 +2,13 @@
 
 `predict.py` accepts either a training checkpoint or the `model.onnx` that `export.py` writes.
 This script makes both from the real pipeline — one short training run of EfficientNetV2-S at
-224 px (`visioncare.training.train`), then `visioncare.export.export` — and times:
+224 px (`visioncare.tasks.train.run`), then `visioncare.tasks.export.run` — and times:
 
 * **Model only**: batches of ``--batch-size`` preprocessed images through the network, PyTorch
   eager (channels-last, inference mode, as `predict.py` runs it) against onnxruntime (CPU). On a
   machine with CUDA, PyTorch on the GPU is added for reference (onnxruntime's CPU build has no
   GPU provider); the budget compares the two CPU engines.
-* **predict.py pipeline**: `visioncare.prediction.predict_paths` over ``--images`` photographs of
+* **predict.py pipeline**: `visioncare.tasks.predict.predict_paths` over ``--images`` photographs of
   the synthetic set with ``--workers`` loader workers — decoding, fundus crop, resize,
   normalisation and the model — the throughput a user of `predict.py` sees.
 
@@ -39,10 +39,10 @@ from common import (
 )
 from torch import Tensor
 
-from visioncare.export import export
-from visioncare.inference import input_spec, load_model, load_onnx
-from visioncare.prediction import predict_paths
-from visioncare.training import train
+from visioncare.serving.loading import input_spec, load_model, load_onnx
+from visioncare.serving.predictor import predict_paths
+from visioncare.tasks.export import run as export
+from visioncare.tasks.train import run as train
 
 TARGET_ONNX = 1.0
 

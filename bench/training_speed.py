@@ -4,7 +4,7 @@ and gradual unfreezing buy?
 Three measurements, each printed next to its budget:
 
 1. **Framework overhead.** The project's real training path — `conf/train.yaml` composed by Hydra,
-   `visioncare.training.train`, the Lightning Trainer with every default callback and the
+   `visioncare.tasks.train.run`, the Lightning Trainer with every default callback and the
    TensorBoard logger, data from the preprocessed cache — against a plain PyTorch loop doing
    the same work: the same `TwoHeadNet` and `UncertaintyWeightedLoss`, AdamW, gradient clipping
    at norm 1, the same precision, memory format, batch, resolution and the same DataLoader, all
@@ -55,7 +55,7 @@ from torch import nn
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import TwoHeadNet
-from visioncare.training import train
+from visioncare.tasks.train import run as train
 from visioncare.utils.accelerator import (
     cpu_has_native_bf16,
     resolve_precision,

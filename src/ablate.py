@@ -1,6 +1,6 @@
 """Ablate the recipe: `python src/ablate.py [seeds=[0,1,2]] [common=[...]]` (conf/ablate.yaml).
 
-Arms × seeds of `src/train.py`, then ablation.csv / ablation.md; see `visioncare.ablation`.
+Arms × seeds of `src/train.py`, then ablation.csv / ablation.md; see `visioncare.tasks.ablate`.
 """
 
 import os
@@ -12,15 +12,13 @@ os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from visioncare.ablation import ablate  # noqa: E402
-from visioncare.cli import register_resolvers, run_main, run_task  # noqa: E402
-
-register_resolvers()
+from visioncare.cli import run_main, run_task  # noqa: E402
+from visioncare.tasks import ablate  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="ablate")
 def main(cfg: DictConfig) -> None:
-    run_task(ablate, cfg)
+    run_task(ablate.run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export a checkpoint: `python src/export.py ckpt_path=<ckpt> output_dir=<dir>`.
 
-See conf/export.yaml for the options and `visioncare.export` for the logic.
+See conf/export.yaml for the options and `visioncare.tasks.export` for the logic.
 """
 
 import os
@@ -12,15 +12,13 @@ os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from visioncare.cli import register_resolvers, run_main, run_task  # noqa: E402
-from visioncare.export import export  # noqa: E402
-
-register_resolvers()
+from visioncare.cli import run_main, run_task  # noqa: E402
+from visioncare.tasks import export  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="export")
 def main(cfg: DictConfig) -> None:
-    run_task(export, cfg)
+    run_task(export.run, cfg)
 
 
 if __name__ == "__main__":

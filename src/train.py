@@ -9,15 +9,13 @@ os.environ.setdefault("VISIONCARE_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from visioncare.cli import register_resolvers, run_main, run_task  # noqa: E402
-from visioncare.training import train  # noqa: E402
-
-register_resolvers()
+from visioncare.cli import run_main, run_task  # noqa: E402
+from visioncare.tasks import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_task(train, cfg)
+    metrics = run_task(train.run, cfg)
     return metrics.get(cfg.get("optimized_metric")) if metrics else None
 
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from visioncare.training import train
+from visioncare.tasks.train import run as train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

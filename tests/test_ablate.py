@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
-from visioncare.ablation import Job, mean_interval, paired_differences
+from visioncare.tasks.ablate import Job, mean_interval, paired_differences
 
 
 def test_mean_interval_is_the_t_interval_by_hand():

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from visioncare.callbacks import BestAverageAccuracy
-from visioncare.callbacks.checkpoint import save_checkpoint_atomically
+from visioncare.callbacks.checkpoint import BestAverageAccuracy, save_checkpoint_atomically
 from visioncare.errors import TrainingDivergedError
-from visioncare.models import VisionCareModule
+from visioncare.models.module import VisionCareModule
 
 
 class _Trainer:

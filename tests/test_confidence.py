@@ -2,7 +2,7 @@
 
 The bootstrap is re-done here the slow, obvious way: the same seeded draws of units, each draw
 materialised as a resampled list of images and scored with torchmetrics' functional metrics, so
-the weighted-count shortcut in `visioncare.confidence` cannot hide a mistake.
+the weighted-count shortcut in `visioncare.scoring.bootstrap` cannot hide a mistake.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from visioncare.confidence import (
+from visioncare.scoring.bootstrap import (
     bootstrap_intervals,
     outcomes_from_probs,
     patient_outcomes,
     point_metrics,
     resample_indices,
 )
-from visioncare.evaluation import compute_metrics
-from visioncare.referral import choose_threshold, operating_points
+from visioncare.scoring.referral import choose_threshold, operating_points
+from visioncare.scoring.report import compute_metrics
 
 TASKS = {"dr": 5, "dme": 3}
 THRESHOLDS = {"dr": 0.4, "dme": 0.5}
@@ -187,7 +187,7 @@ def test_threshold_reaches_target_sensitivity():
 
 
 def test_eval_reports_per_patient_metrics_only_when_patients_are_shared():
-    from visioncare.evaluation import uncertainty_metrics
+    from visioncare.scoring.report import uncertainty_metrics
 
     probs, targets = _sample(30, seed=5)
     outcomes = outcomes_from_probs(probs, targets, THRESHOLDS)

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import CONF
 from tests.test_idrid import make_idrid
-from visioncare.callbacks import EpochMetricsCSV
+from visioncare.callbacks.epoch_stats import EpochMetricsCSV
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.data.dataset import EpochSeededSampler
 from visioncare.data.sources.idrid import IDRiDSource

@@ -20,7 +20,7 @@ from pydicom.pixels import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from skimage import data
 
-from visioncare.data.inputs import collect_images
+from visioncare.data.image_files import collect_images
 from visioncare.data.preprocess import PreprocessConfig, UnreadableImageError, prepare, read_image
 
 OP_8_BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"

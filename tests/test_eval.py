@@ -26,14 +26,12 @@ from torch.utils.data import DataLoader
 from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
-from visioncare.evaluation import (
-    build_datamodule,
-    collect_probabilities,
-    compute_metrics,
-    evaluate,
-)
-from visioncare.inference import input_spec, load_model
-from visioncare.prediction import run_predict
+from visioncare.scoring.report import compute_metrics
+from visioncare.serving.loading import input_spec, load_model
+from visioncare.serving.probabilities import collect_probabilities
+from visioncare.tasks.evaluate import build_datamodule
+from visioncare.tasks.evaluate import run as evaluate
+from visioncare.tasks.predict import run as run_predict
 
 TASKS = {"dr": 5, "dme": 3}
 REFERABLE_FROM = {"dr": 2, "dme": 1}

@@ -1,4 +1,4 @@
-"""Grad-CAM (`visioncare.explain`): batching leaves each CAM unchanged; the target layer."""
+"""Grad-CAM (`visioncare.serving.explain`): batching leaves each CAM unchanged; target layer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from visioncare.explain import find_target_layer, write_gradcam
-from visioncare.inference import ImagePreprocessor, input_spec, load_model
+from visioncare.serving.explain import find_target_layer, write_gradcam
+from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model
 
 
 @pytest.fixture(scope="module")

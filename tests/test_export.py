@@ -20,17 +20,17 @@ from safetensors.torch import load_file
 from tests.conftest import CONF, ROOT, predict_cfg
 from visioncare.data.fundus import LOCALISATION_VERSION
 from visioncare.errors import ConfigurationError
-from visioncare.export import (
+from visioncare.models.net import TwoHeadNet
+from visioncare.serving.loading import load_model, load_onnx
+from visioncare.serving.onnx_export import (
     OUTPUT_NAMES,
     ExportMismatchError,
     _plain_net,
     check_onnx,
-    export,
     export_onnx,
 )
-from visioncare.inference import load_model, load_onnx
-from visioncare.models.net import TwoHeadNet
-from visioncare.prediction import run_predict
+from visioncare.tasks.export import run as export
+from visioncare.tasks.predict import run as run_predict
 
 
 @pytest.fixture(scope="module")

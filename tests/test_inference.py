@@ -8,8 +8,8 @@ import torch
 from hydra.utils import instantiate
 
 from visioncare.data.datamodule import FundusDataModule
-from visioncare.inference import ImagePreprocessor, input_spec, load_model
-from visioncare.training import train
+from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model
+from visioncare.tasks.train import run as train
 
 
 def test_checkpoint_rebuilds_model_and_preprocessing(make_cfg):

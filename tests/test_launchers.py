@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONF, ROOT, TINY_OVERRIDES
-from visioncare.cli import register_resolvers
-from visioncare.utils import launcher
+from visioncare.config import register_resolvers
+from visioncare.runs import launcher
 
 # A launcher's variables in the environment of the process running the tests must not leak in.
 LAUNCHER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")
@@ -110,15 +110,15 @@ def test_only_rank_zero_writes_the_hydra_config(monkeypatch):
 
 def test_requeued_slurm_job_resumes_from_its_newest_checkpoint(slurm_job, tmp_path):
     run = tmp_path / "slurm-4242"
-    assert launcher.requeue_checkpoint(run) is None  # first start: a fresh run
+    assert resume.requeue_checkpoint(run) is None  # first start: a fresh run
     (run / "checkpoints").mkdir(parents=True)
     last = run / "checkpoints" / "last.ckpt"
     last.write_bytes(b"x")
-    assert launcher.requeue_checkpoint(run) == last  # requeued after a node failure
+    assert resume.requeue_checkpoint(run) == last  # requeued after a node failure
     hpc = run / "hpc_ckpt_1.ckpt"  # Lightning's checkpoint on the requeue signal, written later
     hpc.write_bytes(b"x")
     os.utime(last, (1, 1))
-    assert launcher.requeue_checkpoint(run) == hpc
+    assert resume.requeue_checkpoint(run) == hpc
 
 
 def test_requeue_beats_the_given_ckpt_path_only_after_a_restart(slurm_job, monkeypatch, tmp_path):
@@ -126,10 +126,10 @@ def test_requeue_beats_the_given_ckpt_path_only_after_a_restart(slurm_job, monke
     newest = tmp_path / "checkpoints" / "last.ckpt"
     newest.write_bytes(b"x")
     given = "/runs/earlier/checkpoints/best.ckpt"
-    assert launcher.checkpoint_to_resume(tmp_path, given) == given  # first start
+    assert resume.requeued_or_given(tmp_path, given) == given  # first start
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the same command again
-    assert launcher.checkpoint_to_resume(tmp_path, given) == str(newest)
-    assert launcher.checkpoint_to_resume(tmp_path / "fresh", None) is None
+    assert resume.requeued_or_given(tmp_path, given) == str(newest)
+    assert resume.requeued_or_given(tmp_path / "fresh", None) is None
 
 
 def test_outside_slurm_a_run_never_resumes_by_itself(tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ def test_outside_slurm_a_run_never_resumes_by_itself(tmp_path, monkeypatch):
             monkeypatch.delenv(key)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    assert launcher.requeue_checkpoint(tmp_path) is None
+    assert resume.requeue_checkpoint(tmp_path) is None
 
 
 def test_torchrun_ranks_take_the_first_proposal_from_the_agent_store(monkeypatch):
@@ -158,7 +158,7 @@ def test_slurm_requeue_is_resumed_by_train(slurm_job, make_cfg, monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "1")
     from omegaconf import open_dict
 
-    from visioncare.training import train
+    from visioncare.tasks.train import run as train
 
     cfg = make_cfg("trainer.max_epochs=1", "logger=none", "test=false", "gradcam_images=0")
     metrics_csv = Path(cfg.paths.output_dir, "metrics.csv")

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from visioncare.metrics import MultiTaskMetrics, mean_f1
 from visioncare.models.module import VisionCareModule
+from visioncare.scoring.metrics import MultiTaskMetrics, mean_f1
 
 
 def _one_hot_logits(preds, num_classes):

@@ -9,7 +9,7 @@ import nbclient
 import nbformat
 import pytest
 
-from visioncare.training import train
+from visioncare.tasks.train import run as train
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

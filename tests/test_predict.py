@@ -15,8 +15,9 @@ from skimage import data
 from tests.conftest import predict_cfg
 from tests.test_dicom import write_dicom
 from visioncare.errors import ConfigurationError
-from visioncare.inference import ImagePreprocessor, input_spec, load_model
-from visioncare.prediction import csv_columns, run_predict
+from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model
+from visioncare.serving.predictor import csv_columns
+from visioncare.tasks.predict import run as run_predict
 
 NUM_IMAGES = 5
 

@@ -227,7 +227,7 @@ def test_uncropped_photos_are_still_judged(tmp_path: Path) -> None:
 
 
 def test_old_preprocessing_json_loads_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    from visioncare.inference import InputSpec
+    from visioncare.data.input_spec import InputSpec
 
     old = {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
     old["preprocess"] = {"size": 72, "crop_fundus": True, "ben_graham": False, "threshold": 10}

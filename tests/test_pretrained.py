@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from visioncare.errors import ConfigurationError
 from visioncare.models.net import TwoHeadNet
 from visioncare.models.pretrained import OFFLINE_SOURCES, convert_state_dict, offline_weights
-from visioncare.training import train
+from visioncare.tasks.train import run as train
 
 LITE0 = "tf_efficientnet_lite0"
 

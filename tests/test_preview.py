@@ -16,7 +16,8 @@ from skimage import data
 
 from tests.conftest import CONF, ROOT
 from tests.test_dicom import write_dicom
-from visioncare.preview import CROPS_COLUMNS, run_preprocess
+from visioncare.tasks.preprocess import CROPS_COLUMNS
+from visioncare.tasks.preprocess import run as run_preprocess
 
 
 @pytest.fixture(scope="module")

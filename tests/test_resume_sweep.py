@@ -18,8 +18,8 @@ from omegaconf import open_dict
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from tests.test_train import assert_tensorboard_complete
 from visioncare.errors import ConfigurationError
-from visioncare.training import train
-from visioncare.utils.checkpoints import carry_best_checkpoint, resolve_ckpt_path, resume_run_dir
+from visioncare.runs.resume import carry_best_checkpoint, resolve_ckpt_path, resume_run_dir
+from visioncare.tasks.train import run as train
 
 
 def _cli(

@@ -17,7 +17,7 @@ from visioncare.data.preparation_lock import exclusive_preparation
 from visioncare.data.synthetic import writer as synthetic_writer
 from visioncare.models.net import TwoHeadNet
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
-from visioncare.training import build_trainer
+from visioncare.runs.trainer import build_trainer
 from visioncare.utils import accelerator
 from visioncare.utils.rng import capture_rng_state, restore_rng_state
 

@@ -5,7 +5,7 @@ from functools import partial
 
 import torch
 
-from visioncare.models import VisionCareModule
+from visioncare.models.module import VisionCareModule
 
 
 def test_every_group_follows_cosine():
@@ -50,7 +50,7 @@ def test_frozen_parameters_get_no_adam_state_until_they_unfreeze():
     """Frozen parameters have no gradient, so AdamW skips them entirely: no weight decay, no
     moments. A newly unfrozen group starts from fresh moments (Adam's bias-corrected first
     step), never from stale ones accumulated while frozen."""
-    from visioncare.callbacks import GradualUnfreezing
+    from visioncare.callbacks.unfreeze import GradualUnfreezing
 
     module = VisionCareModule(
         backbone="test_efficientnet",

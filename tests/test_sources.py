@@ -23,7 +23,7 @@ from visioncare.data.sources.csv_table import CSVTableSource
 from visioncare.data.sources.eyepacs import EyePACSSource
 from visioncare.data.sources.messidor2 import Messidor2Source
 from visioncare.errors import ConfigurationError, DataValidationError
-from visioncare.training import train
+from visioncare.tasks.train import run as train
 
 # Two images per DR grade: the smallest set a stratified hold-out splits without emptying a class.
 GRADES = [g for g in range(5) for _ in range(2)]

@@ -17,17 +17,11 @@ import numpy as np
 import pytest
 
 from visioncare.data import synthetic as syn
-from visioncare.data.synthetic import (
-    IDRID_TRAIN_COUNTS_DR,
-    SYNTHETIC_MANIFEST,
-    generate_synthetic_idrid,
-    render_fundus,
-    sample_grades,
-    writer,
-)
-from visioncare.data.synthetic.grades import _grader_labels
+from visioncare.data.synthetic import writer
+from visioncare.data.synthetic.grades import IDRID_TRAIN_COUNTS_DR, _grader_labels, sample_grades
 from visioncare.data.synthetic.lesions import LESION_KINDS
-from visioncare.data.synthetic.render import _render_scene
+from visioncare.data.synthetic.render import _render_scene, render_fundus
+from visioncare.data.synthetic.writer import SYNTHETIC_MANIFEST, generate_synthetic_idrid
 
 GRADING = "B. Disease Grading"
 TRAIN_DIR = Path(GRADING, "1. Original Images", "a. Training Set")

@@ -18,7 +18,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare.errors import ConfigurationError
-from visioncare.training import train
+from visioncare.tasks.train import run as train
 from visioncare.utils import accelerator
 
 CONTRACT_COLUMNS = [

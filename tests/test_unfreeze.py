@@ -4,9 +4,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from visioncare.callbacks import GradualUnfreezing
+from visioncare.callbacks.unfreeze import GradualUnfreezing
 from visioncare.errors import ConfigurationError
-from visioncare.models import VisionCareModule
+from visioncare.models.module import VisionCareModule
 
 
 @pytest.fixture(scope="module")

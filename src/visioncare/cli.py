@@ -14,47 +14,15 @@ from typing import Any
 
 import lightning as L
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
-from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from visioncare.errors import VisionCareError
-from visioncare.models.net import backbone_normalization
-from visioncare.utils.checkpoints import hydra_output_subdir, resume_run_dir
-from visioncare.utils.launcher import rank_zero_subdir, run_name
 
 log = logging.getLogger("visioncare")
 
 TRAINER_FLAGS = frozenset(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry with a `_target_` (callbacks, loggers), in config order."""
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if node and "_target_" in node]
-
-
-def register_resolvers() -> None:
-    """Resolvers the configs use; called by the entry points before Hydra composes."""
-    resolvers = {
-        "resume_run_dir": resume_run_dir,
-        "run_name": run_name,
-        "hydra_output_subdir": hydra_output_subdir,
-        "rank_zero_subdir": rank_zero_subdir,
-        "backbone_mean": lambda backbone: _normalization(backbone, "mean"),
-        "backbone_std": lambda backbone: _normalization(backbone, "std"),
-    }
-    for name, resolver in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
-
-
-def _normalization(backbone: str | None, which: str) -> list[float] | None:
-    """`${backbone_mean:NAME}` / `${backbone_std:NAME}`: a timm backbone's input statistics."""
-    values = backbone_normalization(backbone)
-    return None if values is None else values[which]
 
 
 def _full_key(error: InstantiationException) -> str:
@@ -163,7 +131,3 @@ def run_main(main: Callable[[], Any]) -> None:
         message = composition_error_message(error)
         print(f"ERROR: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-# Configs composed outside the entry points (tests, notebooks, benchmarks) resolve too.
-register_resolvers()

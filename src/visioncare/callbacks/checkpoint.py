@@ -17,8 +17,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Checkpoint
 
-from visioncare.metrics import mean_f1
-from visioncare.utils.checkpoints import RUN_CONFIG_KEY
+from visioncare.runs.resume import RUN_CONFIG_KEY
+from visioncare.scoring.metrics import mean_f1
 
 
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> None:

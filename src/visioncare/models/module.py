@@ -21,10 +21,10 @@ from visioncare import IGNORE_INDEX, TASKS
 from visioncare.data.input_spec import CHECKPOINT_KEY as INPUT_SPEC_KEY
 from visioncare.data.input_spec import InputSpec, legacy_input_spec
 from visioncare.errors import ConfigurationError, TrainingDivergedError
-from visioncare.metrics import MultiTaskMetrics
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import UNFREEZE_FRACTIONS, TwoHeadNet
-from visioncare.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
+from visioncare.scoring.metrics import MultiTaskMetrics
+from visioncare.scoring.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
 from visioncare.utils.loops import epoch_ends_after
 from visioncare.utils.rng import capture_rng_state, restore_rng_state
 
@@ -112,7 +112,8 @@ class VisionCareModule(L.LightningModule):
         # The inputs the network is trained on: the datamodule's at every checkpoint save, the
         # checkpoint's after loading one (read by eval, predict and export).
         self.input_spec: InputSpec | None = None
-        # Task → referable threshold chosen on validation (`visioncare.referral`), set after fit.
+        # Task → referable threshold chosen on validation (`visioncare.scoring.referral`), set
+        # after fit.
         self.operating_points: dict[str, dict[str, Any]] | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)

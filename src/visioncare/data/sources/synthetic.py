@@ -11,7 +11,8 @@ from pathlib import Path
 
 from visioncare.data.records import Record
 from visioncare.data.sources.idrid import IDRiDSource
-from visioncare.data.synthetic import DIFFICULTY_PRESETS, Difficulty, generate_synthetic_idrid
+from visioncare.data.synthetic.difficulty import DIFFICULTY_PRESETS, Difficulty
+from visioncare.data.synthetic.writer import generate_synthetic_idrid
 from visioncare.errors import ConfigurationError
 
 

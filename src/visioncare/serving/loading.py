@@ -28,7 +28,7 @@ from visioncare.data.quality import QualityThresholds
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
 from visioncare.models.module import VisionCareModule
-from visioncare.utils.checkpoints import RUN_CONFIG_KEY, check_visioncare_checkpoint
+from visioncare.runs.resume import RUN_CONFIG_KEY, check_visioncare_checkpoint
 
 log = logging.getLogger("visioncare")
 
@@ -56,7 +56,7 @@ def input_spec(model: VisionCareModule) -> InputSpec:
     if model.input_spec is None:
         raise ConfigurationError(
             "the model carries no input spec; load it from a VisionCare checkpoint "
-            "(visioncare.inference.load_model)"
+            "(visioncare.serving.loading.load_model)"
         )
     return model.input_spec
 
@@ -99,7 +99,7 @@ class OnnxNet:
             index = int(device.split(":")[1]) if ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         self.session = ort.InferenceSession(str(path), providers=providers)
-        # The referable thresholds from preprocessing.json (`visioncare.referral`), or None.
+        # The referable thresholds from preprocessing.json (`visioncare.scoring.referral`), or None.
         self.operating_points: dict[str, Any] | None = None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{task}_logits" for task in TASKS]

@@ -1,7 +1,7 @@
 """Grad-CAM overlays of the predicted grades, for `predict.py explain=true` and training previews.
 
-Its own module because batch prediction (`visioncare.prediction`) and training
-(`visioncare.training`) both draw overlays, and neither should import the other for it.
+Its own module because batch prediction (`visioncare.tasks.predict`) and training
+(`visioncare.tasks.train`) both draw overlays, and neither should import the other for it.
 pytorch-grad-cam is imported only where an overlay is drawn.
 """
 
@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from visioncare import TASKS
 from visioncare.data.fundus import FundusField, field_in_crop, field_mask
+from visioncare.data.input_spec import InputSpec
 from visioncare.data.preprocess import Prepared, prepare
 from visioncare.errors import ConfigurationError
-from visioncare.inference import ImagePreprocessor, InputSpec
+from visioncare.serving.loading import ImagePreprocessor
 from visioncare.utils.progress import progress_bar
 
 

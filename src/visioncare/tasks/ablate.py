@@ -335,7 +335,7 @@ def plot_curves(path: Path, jobs: Sequence[Job], arms: Sequence[str]) -> Path | 
 # --------------------------------------------------------------------------- task
 
 
-def ablate(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Run every arm × seed, then write ablation.csv, ablation.md and the curves plot."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from visioncare import IGNORE_INDEX
+from visioncare.errors import ConfigurationError
 
 log = logging.getLogger("visioncare")
 
@@ -100,3 +101,19 @@ def store_operating_points(ckpt_path: str | Path, points: dict[str, dict[str, An
     partial = path.with_suffix(path.suffix + ".tmp")
     torch.save(checkpoint, partial)
     os.replace(partial, path)
+
+
+def check_target_sensitivity(value: Any) -> float:
+    """`target_sensitivity` as a float in (0, 1], checked before training (not after it)."""
+    if value is None:
+        return DEFAULT_TARGET_SENSITIVITY
+    try:
+        target = float(value)
+    except (TypeError, ValueError):
+        target = float("nan")
+    if not 0.0 < target <= 1.0:
+        raise ConfigurationError(
+            f"target_sensitivity={value!r} is not allowed; give the sensitivity the referable "
+            "operating point must reach on validation as a fraction in (0, 1], e.g. 0.85"
+        )
+    return target

@@ -8,7 +8,7 @@ resampling eyes would understate the width), otherwise the image.
 
 Every metric here is computed from weighted confusion counts, one row of weights per resample,
 so a thousand resamples are a handful of matrix products. The weights of the identity draw (all
-ones) give the point estimates, which match torchmetrics' (`visioncare.metrics`).
+ones) give the point estimates, which match torchmetrics' (`visioncare.scoring.metrics`).
 
 Per patient, the clinical rule applies: a patient's grade is the worse eye's, for the grader's
 grades and for the model's predicted grades alike; P(referable) is the larger of the eyes'.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from visioncare import IGNORE_INDEX, TASKS
-from visioncare.referral import REFERABLE_FROM
+from visioncare.scoring.referral import REFERABLE_FROM
 
 # The metrics that get an interval (per task where the name has no task).
 _REFERABLE_METRICS = ("sensitivity", "specificity", "auroc")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from visioncare import DME_CLASSES, DR_CLASSES
-from visioncare.plots import plot_confusion_matrix, plot_curves, read_metrics_csv
+from visioncare.scoring.plots import plot_confusion_matrix, plot_curves, read_metrics_csv
 
 HEADLINE_METRICS = (
     "avg_acc",

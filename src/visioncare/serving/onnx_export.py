@@ -1,32 +1,32 @@
-"""Export a checkpoint for serving: ONNX, safetensors weights and the preprocessing it expects.
-
-The ONNX graph is verified against PyTorch with onnxruntime before the task reports success,
-so a silently wrong export (an op lowered differently, a layout bug) fails here, not in a clinic.
-"""
+"""Writing a trained network as ONNX and safetensors, checked against PyTorch, with the
+preprocessing it expects (`preprocessing.json`)."""
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from visioncare import TASKS
+from visioncare.data.input_spec import InputSpec
 from visioncare.errors import VisionCareError
-from visioncare.inference import InputSpec, input_spec, load_model
 from visioncare.models.net import TwoHeadNet
 
-log = logging.getLogger("visioncare")
-
 OPSET = 17
+
+
 INPUT_NAME = "image"
+
+
 OUTPUT_NAMES = [f"{task}_logits" for task in TASKS]  # dr_logits (N,5), dme_logits (N,3)
+
+
 TOLERANCE = 1e-4
+
+
 CHECK_BATCH_SIZES = (1, 3)
 
 
@@ -146,27 +146,3 @@ def preprocessing_spec(spec: InputSpec, backbone: str) -> dict[str, Any]:
         },
         "onnx_opset": OPSET,
     }
-
-
-def export(cfg: DictConfig) -> dict[str, Any]:
-    """The `export` task: checkpoint → model.onnx, model.safetensors, preprocessing.json."""
-    model, config = load_model(cfg.ckpt_path, device="cpu")
-    spec = input_spec(model)
-    backbone = str(model.hparams.get("backbone", config.get("model", {}).get("backbone", "")))
-    out_dir = Path(cfg.output_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    net = _plain_net(model.net)
-
-    onnx_path = out_dir / "model.onnx"
-    export_onnx(net, onnx_path, spec.image_size)
-    worst = check_onnx(net, onnx_path, spec.image_size, tolerance=float(cfg.get("tolerance", 1e-4)))
-    message = f"ONNX vs PyTorch: max abs difference {worst:.3g} (batch sizes {CHECK_BATCH_SIZES})"
-    log.info(message)  # Hydra's console handler prints it; the run's export.log keeps it
-
-    save_weights(net, out_dir / "model.safetensors", {"backbone": backbone, "format": "pt"})
-    info = preprocessing_spec(spec, backbone)
-    # The referral thresholds chosen on validation travel with the model they were chosen for.
-    info["operating_points"] = model.operating_points
-    (out_dir / "preprocessing.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("Exported to %s", out_dir)
-    return {"output_dir": str(out_dir), "onnx_max_abs_diff": worst}

@@ -23,7 +23,8 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from visioncare.data.inputs import collect_images
+from visioncare.data.image_files import collect_images
+from visioncare.data.input_spec import InputSpec
 from visioncare.data.preprocess import (
     Prepared,
     PreprocessConfig,
@@ -33,7 +34,7 @@ from visioncare.data.preprocess import (
 )
 from visioncare.data.quality import QualityThresholds
 from visioncare.errors import ConfigurationError, check_int_at_least
-from visioncare.inference import InputSpec, input_spec, load_model, onnx_input_spec
+from visioncare.serving.loading import input_spec, load_model, onnx_input_spec
 
 log = logging.getLogger("visioncare")
 
@@ -128,7 +129,7 @@ def contact_sheet(tiles: Sequence[np.ndarray], captions: Sequence[str]) -> np.nd
     return sheet
 
 
-def run_preprocess(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """The `preprocess` task: photos → `<stem>.png`, `crops.csv`, `contact_sheet.png`."""
     settings = settings_from(cfg)
     thresholds = QualityThresholds.from_config(cfg.get("quality"))

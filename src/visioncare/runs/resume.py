@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from visioncare.errors import ConfigurationError
+from visioncare.runs.launcher import slurm_run_name
 
 log = logging.getLogger("visioncare")
 
@@ -139,3 +142,48 @@ def check_visioncare_checkpoint(path: str | Path) -> dict:
             "pass a VisionCare last.ckpt or best.ckpt"
         )
     return checkpoint
+
+
+def requeue_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a requeued SLURM job continues from: the newest in its own run directory.
+
+    That is Lightning's `hpc_ckpt_<n>.ckpt` (written when SLURM sends the requeue signal) or
+    VisionCare's `checkpoints/last.ckpt` (written every epoch; all there is after a node
+    failure or a preemption without warning). Outside SLURM, None: a fresh run never resumes
+    by itself.
+    """
+    if slurm_run_name() is None:
+        return None
+    run_dir = Path(run_dir)
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def requeued_or_given(run_dir: str | Path, ckpt_path: str | None) -> str | None:
+    """`ckpt_path`, unless this is a requeued SLURM job with a checkpoint of its own to go on from.
+
+    A first start honours the `ckpt_path` given (resume from an earlier point, say). A requeued
+    job runs the same command again; going back to that `ckpt_path` would throw away everything
+    trained since, so once SLURM has restarted the job (`SLURM_RESTART_COUNT` > 0) the run
+    directory's newest checkpoint wins. Without a `ckpt_path` it is used from the first start.
+    """
+    requeued = requeue_checkpoint(run_dir)
+    if requeued is None:
+        return ckpt_path
+    if ckpt_path is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return str(requeued)
+    return ckpt_path
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint a training run starts from: `ckpt_path` checked, or a requeued job's own.
+
+    `ckpt_path` must exist and be a VisionCare checkpoint (`resolve_ckpt_path`); a requeued SLURM
+    job goes on from its own newest checkpoint instead (`requeued_or_given`).
+    """
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir, cfg.task_name))
+    resume = requeued_or_given(cfg.paths.output_dir, ckpt_path)
+    if resume != ckpt_path:
+        log.info("SLURM job requeued: resuming from its own %s", resume)
+    return resume

@@ -6,7 +6,7 @@ empty one). The run's name is therefore keyed on what the launcher shares:
 
 - SLURM (`srun`, detected as Lightning detects it): ``slurm-<job id>`` (plus ``.<step>`` inside an
   allocation's numbered job steps). The name survives a requeue, so a requeued job finds its own
-  checkpoints again (`requeue_checkpoint`).
+  checkpoints again (`visioncare.runs.resume.requeue_checkpoint`).
 - torchrun: every rank proposes its timestamp to the elastic agent's TCP store with one atomic
   ``compare_set``; the first proposal wins and every rank, on every node, uses it.
 - Lightning's own DDP launcher passes ``hydra.run.dir`` to the processes it starts: nothing to do.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 from functools import cache
-from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -99,35 +98,3 @@ def rank_zero_subdir(subdir: str) -> str | None:
     leave it torn. (Lightning's launcher passes ``hydra.output_subdir=null`` for the same reason.)
     """
     return subdir if launcher_rank() == 0 else None
-
-
-def requeue_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint a requeued SLURM job continues from: the newest in its own run directory.
-
-    That is Lightning's `hpc_ckpt_<n>.ckpt` (written when SLURM sends the requeue signal) or
-    VisionCare's `checkpoints/last.ckpt` (written every epoch; all there is after a node
-    failure or a preemption without warning). Outside SLURM, None: a fresh run never resumes
-    by itself.
-    """
-    if slurm_run_name() is None:
-        return None
-    run_dir = Path(run_dir)
-    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"]
-    existing = [path for path in candidates if path.is_file()]
-    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
-
-
-def checkpoint_to_resume(run_dir: str | Path, ckpt_path: str | None) -> str | None:
-    """`ckpt_path`, unless this is a requeued SLURM job with a checkpoint of its own to go on from.
-
-    A first start honours the `ckpt_path` given (resume from an earlier point, say). A requeued
-    job runs the same command again; going back to that `ckpt_path` would throw away everything
-    trained since, so once SLURM has restarted the job (`SLURM_RESTART_COUNT` > 0) the run
-    directory's newest checkpoint wins. Without a `ckpt_path` it is used from the first start.
-    """
-    requeued = requeue_checkpoint(run_dir)
-    if requeued is None:
-        return ckpt_path
-    if ckpt_path is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        return str(requeued)
-    return ckpt_path

@@ -1,0 +1,166 @@
+"""The end of a training run, after `test`: one call, `report_run`, writes what a run leaves.
+
+In order, on rank 0 only (no other rank waits at a barrier while it works): `summary.json`, the
+plots, the referable operating points chosen on validation with the best weights (stored in
+`best.ckpt`), Grad-CAM overlays, TensorBoard's hparams with the final metrics, the loggers
+flushed and closed, and the printed table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from visioncare.runs.summary import print_summary_table, write_plots, write_summary
+from visioncare.scoring.referral import (
+    operating_points,
+    store_operating_points,
+)
+from visioncare.serving.explain import gradcam_examples
+from visioncare.serving.loading import load_model
+from visioncare.serving.probabilities import collect_probabilities
+from visioncare.utils.accelerator import trainer_flags
+
+log = logging.getLogger("visioncare")
+
+# The selection and test numbers that TensorBoard's HPARAMS tab compares runs by.
+HP_METRICS = ("val/avg_acc", "val/joint_acc", "test/avg_acc", "test/joint_acc")
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The knobs people compare runs by, for TensorBoard's HPARAMS tab."""
+    picks = {
+        "model.backbone": "model.backbone",
+        "model.pretrained": "model.pretrained",
+        "lr": "model.optimizer.lr",
+        "weight_decay": "model.optimizer.weight_decay",
+        "unfreeze_step": "unfreeze_step",
+        "seed": "seed",
+        "data.image_size": "data.image_size",
+        "data.batch_size": "data.batch_size",
+        "loss": "loss._target_",
+        "trainer.precision": "trainer.precision",
+        "trainer.max_epochs": "trainer.max_epochs",
+    }
+    values = {}
+    for name, key in picks.items():
+        value = OmegaConf.select(cfg, key)
+        values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values
+
+
+def log_gradcam_to_tensorboard(
+    model: Any, datamodule: Any, loggers: list, output_dir: Path, count: int
+) -> None:
+    """Grad-CAM overlays of the first validation images, to `plots/gradcam/` and TensorBoard."""
+    records = datamodule.splits.get("val", [])[:count]
+    if not records:
+        return
+    spec = datamodule.input_spec()
+    paths = [r.image for r in records]
+    written = gradcam_examples(model, spec, paths, output_dir / "plots" / "gradcam")
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for path in written:
+                image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+                logger.experiment.add_image(f"gradcam/{path.stem}", image, dataformats="HWC")
+
+
+def choose_operating_points(
+    model: Any, datamodule: Any, ckpt_path: str, target_sensitivity: float
+) -> None:
+    """Pick the referable thresholds on the whole validation split; store them in ``ckpt_path``.
+
+    ``model`` holds the best weights. The whole split is read here (not this rank's share), so
+    the threshold is the same whatever the number of processes.
+    """
+    dataset = datamodule.datasets.get("val")
+    if dataset is None or len(dataset) == 0:
+        log.warning("No validation images: referable decisions will use P(referable) >= 0.5")
+        return
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
+    # trainer.predict puts the model in eval mode and restores its modes afterwards.
+    probs, targets, _ = collect_probabilities(model, loader, model.device)
+    points = operating_points(probs, targets, target_sensitivity)
+    model.operating_points = points
+    store_operating_points(ckpt_path, points)
+    for task, point in points.items():
+        log.info(
+            "Referable %s operating point: P(referable) >= %.4f (validation sensitivity %.3f, "
+            "specificity %s, target %.2f)",
+            task.upper(),
+            point["threshold"],
+            point["val_sensitivity"],
+            "n/a" if point["val_specificity"] is None else f"{point['val_specificity']:.3f}",
+            target_sensitivity,
+        )
+
+
+def hparams_metrics(best_metrics: dict[str, float], test_metrics: dict[str, float]) -> dict:
+    """`hp/best_val_avg_acc`, `hp/test_avg_acc`, ...: what the HPARAMS tab shows per run."""
+    values = {f"best_{k}": v for k, v in best_metrics.items()}
+    values.update(test_metrics)
+    return {
+        f"hp/{k.replace('/', '_')}": v
+        for k, v in values.items()
+        if k.removeprefix("best_") in HP_METRICS
+    }
+
+
+def report_run(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    model: Any,
+    datamodule: Any,
+    best_cb: Any,
+    test_metrics: dict[str, float],
+    target_sensitivity: float,
+) -> dict[str, float]:
+    """Write everything a finished run leaves (module docstring); returns best + test metrics.
+
+    ``best_cb`` is the run's `BestAverageAccuracy` (None without one); ``model`` holds the best
+    weights and has been validated with them (its confusion matrices are the best epoch's).
+    """
+    best_metrics = dict(best_cb.best_metrics) if best_cb else {}
+    if not trainer.is_global_zero:
+        return {**best_metrics, **test_metrics}
+    output_dir = Path(cfg.paths.output_dir)
+    best_path = best_cb.best_model_path if best_cb else ""
+    summary = write_summary(
+        output_dir / "summary.json",
+        best_cb.best_epoch if best_cb else -1,
+        best_metrics,
+        test_metrics,
+        datamodule.sizes(),
+        {"backbone": cfg.model.backbone, "weights": model.net.weights_provenance},
+        trainer_flags(cfg),
+    )
+    write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
+    # A fresh model from best.ckpt, never the compiled training one, on the training device
+    # (Lightning moves the trained model back to the CPU when it is done).
+    best_model = None
+    if best_path:
+        best_model = load_model(best_path, str(trainer.strategy.root_device))[0]
+        choose_operating_points(best_model, datamodule, best_path, target_sensitivity)
+    loggers = trainer.loggers
+    if count := cfg.get("gradcam_images", 4):
+        explained = best_model if best_model is not None else model
+        log_gradcam_to_tensorboard(explained, datamodule, loggers, output_dir, count)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(
+                hparams(cfg), metrics=hparams_metrics(best_metrics, test_metrics)
+            )
+        # Lightning closed the loggers after `test`; what was written since sits in a new event
+        # file's queue, drained by a daemon thread that dies with the process: flush and close.
+        logger.finalize("success")
+    print_summary_table(summary)
+    log.info("Run directory: %s", output_dir)
+    return {**best_metrics, **test_metrics}

@@ -1,0 +1,311 @@
+"""The evaluation report: metrics of one split from its probabilities, bootstrap intervals,
+`metrics.json`, `predictions.csv`, `report.md`, plots and the printed table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryRecall,
+    BinaryROC,
+    BinarySpecificity,
+    MulticlassCalibrationError,
+)
+
+from visioncare import IGNORE_INDEX, TASKS
+from visioncare.scoring.bootstrap import (
+    CI_METRICS,
+    Outcomes,
+    bootstrap_intervals,
+    patient_outcomes,
+    point_metrics,
+)
+from visioncare.scoring.metrics import MultiTaskMetrics
+from visioncare.scoring.plots import plot_confusion_matrix, plot_roc
+from visioncare.scoring.referral import (
+    REFERABLE_FROM,
+    referable_score,
+    referable_truth,
+    threshold_for,
+)
+
+ECE_BINS = 15
+
+
+HEADLINE = ("avg_acc", "joint_acc", "acc_dr", "acc_dme", "f1_dr", "f1_dme", "qwk_dr", "qwk_dme")
+
+
+def compute_metrics(
+    probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    source_ids: Tensor,
+    source_names: list[str],
+    split: str = "test",
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """All per-image point metrics of the report, flat; None where undefined (module docstring).
+
+    ``thresholds``: task → operating threshold on P(referable) (default 0.5).
+    """
+    out: dict[str, Any] = _task_metrics(probs, targets, split)
+    for task, num_classes in TASKS.items():
+        target, prob = targets[task], probs[task]
+        labelled = target != IGNORE_INDEX
+        prefix = f"{split}/referable_{task}"
+        threshold = threshold_for(None, task) if thresholds is None else thresholds[task]
+        out.update(_referable_metrics(prob, target, task, threshold, prefix))
+        ece = None
+        if bool(labelled.any()):
+            calibration = MulticlassCalibrationError(
+                num_classes=num_classes, n_bins=ECE_BINS, norm="l1"
+            )
+            ece = float(calibration(prob[labelled], target[labelled]))
+        out[f"{split}/ece_{task}"] = ece
+    if len(source_names) > 1:
+        for index, name in enumerate(source_names):
+            mask = source_ids == index
+            if bool(mask.any()):
+                out.update(
+                    _task_metrics(
+                        {t: p[mask] for t, p in probs.items()},
+                        {t: v[mask] for t, v in targets.items()},
+                        f"{split}/{name}",
+                    )
+                )
+    return out
+
+
+def _task_metrics(
+    probs: dict[str, Tensor], targets: dict[str, Tensor], prefix: str
+) -> dict[str, Any]:
+    """`MultiTaskMetrics` (the training metrics) plus confusion matrices, NaN → None.
+
+    A grade with no labelled sample gets a per-class accuracy of None: torchmetrics reports 0
+    for 0/0, which would read as "every such image was missed".
+    """
+    metrics = MultiTaskMetrics(prefix)
+    metrics.update(probs, targets)
+    out: dict[str, Any] = {k: _number(v) for k, v in metrics.compute().items()}
+    for task, matrix in metrics.confusion_matrices().items():
+        if matrix.sum() > 0:
+            out[f"{prefix}/confusion_{task}"] = matrix.tolist()
+            for k, support in enumerate(matrix.sum(dim=1).tolist()):
+                if support == 0:
+                    out[f"{prefix}/per_class_acc_{task}_{k}"] = None
+        else:
+            out[f"{prefix}/confusion_{task}"] = None
+    return out
+
+
+def uncertainty_metrics(
+    outcomes: Outcomes,
+    patients: list[str],
+    split: str,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Bootstrap intervals of the headline metrics; per-patient metrics where patients are known.
+
+    ``patients``: each image's patient (`Record.group`: the image itself where unknown).
+    """
+    known = _shares_patients(patients)
+    units = patients if known else None
+    out: dict[str, Any] = {}
+    for name, (low, high) in bootstrap_intervals(outcomes, units, resamples, seed, level).items():
+        out[f"{split}/{name}_ci_low"], out[f"{split}/{name}_ci_high"] = low, high
+    if known:
+        per_patient, ids = patient_outcomes(outcomes, units)
+        prefix = f"{split}/patient"
+        out[f"{prefix}/num_patients"] = len(ids)
+        for name, value in point_metrics(per_patient).items():
+            out[f"{prefix}/{name}"] = value
+        intervals = bootstrap_intervals(per_patient, None, resamples, seed, level)
+        for name, (low, high) in intervals.items():
+            out[f"{prefix}/{name}_ci_low"], out[f"{prefix}/{name}_ci_high"] = low, high
+    return out
+
+
+def _shares_patients(patients: list[str]) -> bool:
+    """Whether some images share a patient (otherwise per-patient equals per-image)."""
+    return len(set(patients)) < len(patients)
+
+
+def _has_patients(records: list) -> bool:
+    return _shares_patients([r.group for r in records])
+
+
+def _referable_metrics(
+    prob: Tensor, target: Tensor, task: str, threshold: float, prefix: str
+) -> dict:
+    """Sensitivity/specificity of P(referable) >= threshold; AUROC of P(referable)."""
+    labelled = target != IGNORE_INDEX
+    out: dict[str, Any] = {f"{prefix}_{m}": None for m in ("sensitivity", "specificity", "auroc")}
+    out[f"{prefix}_threshold"] = threshold
+    if not bool(labelled.any()):
+        return out
+    truth = referable_truth(target[labelled], task)
+    score = referable_score(prob[labelled], task)
+    decision = (score >= threshold).long()
+    positives, negatives = int(truth.sum()), int((1 - truth).sum())
+    if positives:
+        out[f"{prefix}_sensitivity"] = float(BinaryRecall()(decision, truth))
+    if negatives:
+        out[f"{prefix}_specificity"] = float(BinarySpecificity()(decision, truth))
+    if positives and negatives:
+        out[f"{prefix}_auroc"] = float(BinaryAUROC()(score, truth))
+    return out
+
+
+def _number(value: Any) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) or math.isinf(number) else number
+
+
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
+    path.write_text(json.dumps(metrics, indent=2))
+
+
+def write_split_predictions(
+    path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
+) -> None:
+    """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
+    every probability (the clinic CSV of predict.py is `prediction.write_predictions`)."""
+    columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
+    columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
+    preds = {t: p.argmax(dim=1) for t, p in probs.items()}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for i, record in enumerate(records):
+            row = [str(record.image), record.source, record.patient]
+            row += [int(targets["dr"][i]), int(targets["dme"][i])]
+            row += [int(preds["dr"][i]), int(preds["dme"][i])]
+            row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
+            writer.writerow(row)
+
+
+def write_eval_plots(
+    plots: Path,
+    metrics: dict[str, Any],
+    probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    split: str,
+) -> list[Path]:
+    """Confusion matrix per task and the ROC curve of referable DR / DME."""
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task, num_classes in TASKS.items():
+        matrix = metrics.get(f"{split}/confusion_{task}")
+        if matrix is not None:
+            names = [f"{task.upper()} {k}" for k in range(num_classes)]
+            target = plots / f"confusion_{task}.png"
+            written.append(plot_confusion_matrix(matrix, f"{split} {task.upper()}", target, names))
+        auroc = metrics.get(f"{split}/referable_{task}_auroc")
+        if auroc is None:
+            continue
+        threshold = REFERABLE_FROM[task]
+        labelled = targets[task] != IGNORE_INDEX
+        truth = referable_truth(targets[task][labelled], task)
+        score = referable_score(probs[task][labelled], task)
+        fpr, tpr, _ = BinaryROC()(score, truth)
+        title = f"Referable {task.upper()} (grade >= {threshold}), {split}"
+        path = plots / f"roc_referable_{task}.png"
+        written.append(plot_roc(fpr.numpy(), tpr.numpy(), auroc, title, path))
+    return written
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _fmt_ci(metrics: dict[str, Any], key: str) -> str:
+    """`value [low, high]` where the metric has a bootstrap interval, else the value alone."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    shown = _fmt(metrics.get(key))
+    return shown if low is None or high is None else f"{shown} [{low:.4f}, {high:.4f}]"
+
+
+def write_report(
+    path: Path, metrics: dict[str, Any], split: str, facts: dict[str, str], plots: list[Path]
+) -> None:
+    """report.md: what was evaluated, then the metrics per task as Markdown tables."""
+    lines = ["# VisionCare evaluation", ""]
+    lines += [
+        f"- **{k}**: `{v}`" if k == "checkpoint" else f"- **{k}**: {v}" for k, v in facts.items()
+    ]
+    header = ["| metric | value [95 % CI] |", "|---|---:|"]
+    lines += ["", "## Overall", "", *header]
+    for name in ("avg_acc", "joint_acc"):
+        lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/{name}')} |")
+    for task, num_classes in TASKS.items():
+        lines += ["", f"## {task.upper()}", "", *header]
+        names = ["acc", "f1", "qwk", "ece", "num"]
+        names += [f"per_class_acc_{task}_{k}" for k in range(num_classes)]
+        for name in names:
+            key = f"{split}/{name}" if name.startswith("per_class") else f"{split}/{name}_{task}"
+            value = metrics.get(key)
+            shown = (
+                str(int(value)) if name == "num" and value is not None else _fmt_ci(metrics, key)
+            )
+            lines.append(f"| {key.split('/', 1)[1]} | {shown} |")
+        threshold = metrics.get(f"{split}/referable_{task}_threshold")
+        lines.append(f"| referable (>= {REFERABLE_FROM[task]}) threshold | {_fmt(threshold)} |")
+        for m in ("sensitivity", "specificity", "auroc"):
+            key = f"{split}/referable_{task}_{m}"
+            lines.append(f"| referable (>= {REFERABLE_FROM[task]}) {m} | {_fmt_ci(metrics, key)} |")
+        matrix = metrics.get(f"{split}/confusion_{task}")
+        if matrix is not None:
+            lines += ["", "Confusion matrix (rows = true grade, columns = predicted):", ""]
+            lines.append(
+                "| true \\ pred | " + " | ".join(str(k) for k in range(num_classes)) + " |"
+            )
+            lines.append("|---" * (num_classes + 1) + "|")
+            for k, row in enumerate(matrix):
+                lines.append(f"| {k} | " + " | ".join(str(int(v)) for v in row) + " |")
+    patients = metrics.get(f"{split}/patient/num_patients")
+    if patients is not None:
+        lines += ["", f"## Per patient ({patients} patients; a patient's grade is the worse eye's)"]
+        lines += ["", *header]
+        for name in CI_METRICS:
+            lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/patient/{name}')} |")
+    per_source = sorted(
+        {k.split("/")[1] for k in metrics if k.count("/") == 2 and k.split("/")[1] != "patient"}
+    )
+    if per_source:
+        lines += ["", "## Per source", "", "| source | " + " | ".join(HEADLINE) + " |"]
+        lines.append("|---" * (len(HEADLINE) + 1) + "|")
+        for source in per_source:
+            values = [_fmt(metrics.get(f"{split}/{source}/{m}")) for m in HEADLINE]
+            lines.append(f"| {source} | " + " | ".join(values) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- plots/{p.name}" for p in plots]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def print_table(metrics: dict[str, Any], split: str, console: Console | None = None) -> None:
+    """The headline numbers, once, at the end of the run."""
+    table = Table(title=f"VisionCare — {split} evaluation")
+    table.add_column("metric")
+    table.add_column(split, justify="right")
+    table.add_column("95 % CI", justify="right")
+    keys = [*HEADLINE, "ece_dr", "ece_dme"]
+    keys += [
+        f"referable_{t}_{m}"
+        for t in TASKS
+        for m in ("threshold", "sensitivity", "specificity", "auroc")
+    ]
+    for name in keys:
+        key = f"{split}/{name}"
+        low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        interval = "" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
+        table.add_row(name, _fmt(metrics.get(key)), interval)
+    (console or Console()).print(table)
