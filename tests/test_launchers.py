@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONF, ROOT, TINY_OVERRIDES
 from visioncare.config import register_resolvers
-from visioncare.runs import launcher
+from visioncare.runs import launcher, resume
 
 # A launcher's variables in the environment of the process running the tests must not leak in.
 LAUNCHER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")

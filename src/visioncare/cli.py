@@ -18,6 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from visioncare.config import register_resolvers
 from visioncare.errors import VisionCareError
 
 log = logging.getLogger("visioncare")
@@ -125,6 +126,7 @@ def run_main(main: Callable[[], Any]) -> None:
     their full traceback.
     """
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    register_resolvers()  # before Hydra composes the config that uses them
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as error:

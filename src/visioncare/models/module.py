@@ -208,7 +208,7 @@ class VisionCareModule(L.LightningModule):
         losses = {"loss": total, **{f"loss_{t}": v for t, v in task_losses.items()}}
         for name, value in losses.items():
             # One entry per sample, not weight=batch_size: with nan_strategy="disable" (no host
-            # sync) torchmetrics 1.9 drops the weights (Lightning-AI/torchmetrics#3434).
+            # sync) torchmetrics' MeanMetric drops the weights (seen with torchmetrics 1.9).
             self.train_losses[name].update(value.detach().expand(batch_size))
         self.train_metrics.update(logits, targets)
 

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import timm
-import torch
 from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
@@ -223,8 +222,3 @@ class TwoHeadNet(nn.Module):
                 if is_bn and params and not any(p.requires_grad for p in params):
                     module.eval()
         return self
-
-    @torch.no_grad()
-    def predict_proba(self, images: Tensor) -> dict[str, Tensor]:
-        """Softmax probabilities per task (inference helper)."""
-        return {task: logits.softmax(dim=1) for task, logits in self(images).items()}

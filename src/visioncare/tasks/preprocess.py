@@ -21,7 +21,6 @@ from typing import Any
 import cv2
 import numpy as np
 from omegaconf import DictConfig
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from visioncare.data.image_files import collect_images
 from visioncare.data.input_spec import InputSpec
@@ -35,6 +34,7 @@ from visioncare.data.preprocess import (
 from visioncare.data.quality import QualityThresholds
 from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.serving.loading import input_spec, load_model, onnx_input_spec
+from visioncare.utils.progress import progress_bar
 
 log = logging.getLogger("visioncare")
 
@@ -145,10 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return None, str(error) or type(error).__name__
 
     rows, tiles, captions = [], [], []
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )  # fmt: skip
+    progress = progress_bar()
     workers = max(1, int(cfg.get("num_workers", 1)))
     with progress, ThreadPoolExecutor(max_workers=workers) as pool:
         bar = progress.add_task("Preprocessing", total=len(paths))

@@ -1,4 +1,4 @@
-"""The one progress bar of batch prediction and Grad-CAM, so both look alike in a terminal."""
+"""The one progress bar of preprocessing, batch prediction and Grad-CAM: all look alike."""
 
 from __future__ import annotations
 
