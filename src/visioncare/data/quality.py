@@ -8,13 +8,13 @@ reader which rows to look at again. How the thresholds were chosen is in `Qualit
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
-from visioncare.data.fundus import FundusField, crop_to_field, field_mask
+from visioncare.data.fundus import FundusField, crop_to_field, field_in_crop, field_mask
 from visioncare.errors import ConfigurationError
 
 ANALYSIS_SIZE = 256  # px: side of the crop the measures are taken on
@@ -78,9 +78,9 @@ class QualityMeasures:
 def measure(image: np.ndarray, field: FundusField) -> QualityMeasures:
     """Mean luminance, share of clipped pixels and sharpness of the field of an RGB photo."""
     crop = crop_to_field(image, field, ANALYSIS_SIZE)
-    half = ANALYSIS_SIZE / 2
+    local = field_in_crop(field, ANALYSIS_SIZE)
     shrink = 0.95  # keep the field's soft rim out of the measures
-    local = FundusField(half, half, half * shrink, -1e9, 1e9)
+    local = replace(local, radius=local.radius * shrink)
     inside = field_mask((ANALYSIS_SIZE, ANALYSIS_SIZE), local).astype(bool)
     inside &= crop.max(axis=2) > 0  # not above/below the cuts
     if inside.sum() < 100:
