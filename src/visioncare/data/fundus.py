@@ -32,11 +32,14 @@ is part of every cache key and export, so changing this algorithm invalidates ol
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
+
+_log = logging.getLogger(__name__)
 
 LOCALISATION_VERSION = "circle-rect-2"
 WORK_SIDE = 512  # px, long side of the copy the field is located on
@@ -54,6 +57,7 @@ MIN_AGREEMENT = 0.9  # IoU between the model's mask and the foreground component
 MAX_SURROUND = 0.4  # mean score outside the field, relative to inside: a field stands out
 CHROMA_FLOOR = 12  # 99th-percentile R − B below this: a colourless photo, score by brightness
 NOISE_SIGMAS = 4.0  # a foreground pixel is this many background noise s.d. above it
+BACKGROUND_SHARE = 0.15  # of the way from the darkest pixels to the field: still background
 FIELD_SHARE = 0.2  # ... and at least this share of the way from background to the field level
 MIN_CONTRAST = 6  # score units: the field must exceed the background by at least this
 BAR_ASPECT = 4.0  # a component this much longer than wide ...
@@ -128,19 +132,27 @@ def _score(small: np.ndarray) -> np.ndarray:
 def _threshold(score: np.ndarray) -> float | None:
     """The foreground threshold learned from this photo's own background and field levels.
 
-    The background is the darkest decile of the score (a field never fills the whole frame
-    unless the photo is all field, handled by the caller); its noise is measured there. The
-    field's level is the median of everything clearly above that noise, whatever the field's
-    share of the frame. None: no contrast worth calling a field.
+    The field's level is the median of everything clearly above the darkest pixels, whatever
+    the field's share of the frame (a tiny field, or a wide-field one with only its corners
+    dark). The background is what lies within `BACKGROUND_SHARE` of the way to it (so a pale
+    patch of retina never counts as background): its median and robust noise set
+    the threshold, at least `FIELD_SHARE` of the way to the field (pale retina stays in) and
+    at most halfway (heavy noise cannot push the field out). None: no contrast worth a field.
     """
     values = score.ravel().astype(np.float32)
-    low = float(np.percentile(values, 5))
-    dark = values[values <= np.percentile(values, 10)]
-    floor = low + max(NOISE_SIGMAS * float(dark.std()), MIN_CONTRAST / 2)
-    bright = values[values > floor]
-    if bright.size == 0 or float(np.median(bright)) - low < MIN_CONTRAST:
+    low = float(np.percentile(values, 0.5))
+    bright = values[values > low + MIN_CONTRAST]
+    if bright.size == 0:
         return None
-    return max(floor, low + FIELD_SHARE * (float(np.median(bright)) - low))
+    level = float(np.median(bright))
+    background = values[values < low + max(MIN_CONTRAST, BACKGROUND_SHARE * (level - low))]
+    base = float(np.median(background))
+    noise = 1.4826 * float(np.median(np.abs(background - base)))
+    gap = level - base
+    if gap < MIN_CONTRAST:
+        return None
+    margin = max(NOISE_SIGMAS * noise, FIELD_SHARE * gap, MIN_CONTRAST / 2)
+    return base + min(margin, gap / 2)
 
 
 def _is_bar(stats: np.ndarray, labels: np.ndarray, index: int) -> bool:
@@ -160,7 +172,7 @@ def _field_component(score: np.ndarray) -> np.ndarray | None:
     side = max(3, round(max(score.shape[:2]) / 64) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     order = 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA])
     # Bars are judged among the big components only: small ones can never win anyway.
     chosen = next((int(i) for i in order[:4] if not _is_bar(stats, labels, int(i))), None)
@@ -290,12 +302,12 @@ def _locate(image: np.ndarray) -> FundusField | None:
     score = _score(small)
     mask = _field_component(score)
     if mask is None:
-        return None
+        return _reject("no foreground stands out from the background")
     h, w = mask.shape
     ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     box = (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
     if min(box[2] - box[0], box[3] - box[1]) < MIN_FIELD_SIDE * max(h, w):
-        return None
+        return _reject(f"foreground too small: box {box}")
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     outline = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
     # Outline pixels are the component's own pixels: its right/bottom edge sits at x1-1, y1-1.
@@ -314,17 +326,28 @@ def _locate(image: np.ndarray) -> FundusField | None:
     candidates.append((_agreement(mask, rect_field) - 0.01, rect_field, False))
     agreement, field, has_arc = max(candidates, key=lambda c: c[0])
     if agreement < MIN_AGREEMENT - (0.01 if not has_arc else 0.0):
-        return None  # the component is neither round nor a (rounded) rectangle
+        # The component is neither round nor a (rounded) rectangle.
+        return _reject(f"shape agrees {agreement:.3f} with the best model {field}")
     inside = field_mask((h, w), field).astype(bool)
     outside = ~inside
     if outside.mean() > 0.01:
-        if score[outside].mean() > MAX_SURROUND * score[inside].mean():
-            return None  # a patch of texture (noise, a photo of something else), not a field
+        # Medians: a sliver of soft rim outside a wide field must not count as a bright surround.
+        if np.median(score[outside]) > MAX_SURROUND * np.median(score[inside]):
+            # A patch of texture (noise, a photo of something else), not a field.
+            return _reject("the surround is nearly as strong as the field")
     elif not has_arc or fit is None:
-        return None  # the whole frame is "field" with nothing around it: not a fundus photo
+        # The whole frame is "field" with nothing around it and no arc: not a fundus photo.
+        return _reject("the whole frame is foreground and no arc is visible")
     if not has_arc and not _reddish(small, inside):
-        return None  # a bright rectangle (a page, a screen) is not a fundus
+        # A bright rectangle (a page, a screen) is not a fundus.
+        return _reject("a rectangle without an arc that is not reddish")
     return field.scaled(1 / scale)
+
+
+def _reject(reason: str) -> None:
+    """Log why a photo has no field (``logging`` DEBUG on this module) and return None."""
+    _log.debug("no fundus field: %s", reason)
+    return None
 
 
 def _reddish(small: np.ndarray, inside: np.ndarray) -> bool:
