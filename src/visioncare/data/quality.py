@@ -20,6 +20,8 @@ from visioncare.errors import ConfigurationError
 ANALYSIS_SIZE = 256  # px: side of the crop the measures are taken on
 OK = "ok"
 NO_FUNDUS = "no_fundus_found"
+# The flags after which a grade cannot be trusted (see `is_gradable`).
+UNGRADABLE_FLAGS = frozenset({NO_FUNDUS, "too_dark", "overexposed", "blurred"})
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,20 @@ def assess(
     if values.sharpness < thresholds.blurred and values.luminance >= thresholds.too_dark:
         reasons.append("blurred")  # a dark photo is low-contrast too: report the cause
     return ";".join(reasons) or OK
+
+
+def is_gradable(quality: str) -> bool:
+    """Whether a grade made from a photo with this `assess` result can be trusted.
+
+    The rule: gradable = the fundus field was found and none of `UNGRADABLE_FLAGS` is raised.
+    `no_fundus_found` means the network saw the whole frame, not a located retina; `too_dark`,
+    `overexposed` and `blurred` mean the lesions that set the grade (microaneurysms, exudates,
+    haemorrhages, 2-5 px at 256 px) may be invisible, so a "no DR" cannot be told from "not
+    seen". `small_field` alone stays gradable: the whole field reaches the network, only
+    upsampled; it is flagged so a reader can look again. A reader who wants it stricter can
+    test the flags themselves (``quality.split(";")``).
+
+    Args:
+        quality: ``ok`` or flags joined by ``;`` (`assess`'s result).
+    """
+    return not (set(quality.split(";")) & UNGRADABLE_FLAGS)
