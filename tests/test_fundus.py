@@ -430,14 +430,22 @@ def test_wide_field_exports(sources, frame, ratio, corner, margin, bar):
             raise AssertionError(name) from error
 
 
+@pytest.mark.parametrize("side", ["top", "left", "bottom", "right"])
 @pytest.mark.parametrize("share", [0.05, 0.1, 0.15])
-def test_clip_at_one_edge_only(sources, share):
+def test_clip_at_one_edge_only(sources, share, side):
+    """The frame clips the circle on one side only, by ``share`` of its radius."""
     for name, (image, (cx, cy, r)) in sources.items():
         canvas = cv2.copyMakeBorder(image, 0, 60, 80, 80, cv2.BORDER_CONSTANT, value=0)
         cut = round(cy - r + share * r)
         clipped = canvas[cut:]
         circle = (cx + 80, cy - cut, r)
         box = (cx + 80 - r, 0, cx + 80 + r, cy - cut + r)
+        for _ in range(["top", "left", "bottom", "right"].index(side)):
+            # A quarter turn counter-clockwise: (x, y) -> (y, W - x); the top goes left.
+            width = clipped.shape[1]
+            clipped = np.ascontiguousarray(np.rot90(clipped))
+            circle = (circle[1], width - circle[0], r)
+            box = (box[1], width - box[2], box[3], width - box[0])
         try:
             _assert_located(clipped, circle, box)
         except AssertionError as error:
