@@ -430,6 +430,53 @@ def test_wide_field_exports(sources, frame, ratio, corner, margin, bar):
             raise AssertionError(name) from error
 
 
+def _on_background(
+    image: np.ndarray, bar: np.ndarray | None, colour: tuple[int, int, int], gain: float
+) -> np.ndarray:
+    """``image``'s black surround painted ``colour``, its field (not the bar) scaled by ``gain``."""
+    bar_mask = np.zeros(image.shape[:2], bool) if bar is None else bar.max(axis=2) > 0
+    field = (image.max(axis=2) > 0) & ~bar_mask
+    out = image.astype(np.float32)
+    out[field] *= gain
+    out[~field & ~bar_mask] = colour
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+BACKGROUNDS = [(0, 0, 0), (70, 70, 70), (30, 60, 140)]  # black, grey frame, blue viewer
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.2], ids=["exposed", "dim"])
+@pytest.mark.parametrize("colour", BACKGROUNDS[1:], ids=["grey", "blue"])
+def test_wide_field_on_grey_or_coloured_backgrounds(sources, colour, gain):
+    """A wide-field export with a bar, in a grey or blue surround, well exposed or dim."""
+    frame, ratio, corner, margin = WIDE_FIELDS[3]
+    for name in ("retina", "synthetic-7-hard"):
+        image, circle, box, bar = _wide_field(
+            _texture(sources[name]), frame, ratio * frame[0], corner, margin, bar=True
+        )
+        try:
+            _assert_located(_jpeg(_on_background(image, bar, colour, gain), 80), circle, box, bar)
+        except AssertionError as error:
+            raise AssertionError(name) from error
+
+
+@pytest.mark.slow
+def test_wide_field_sweep(sources):
+    """Every wide field x source x surround x exposure, each with a bar beside it."""
+    for name, source in sources.items():
+        for frame, ratio, corner, margin in WIDE_FIELDS:
+            for colour in BACKGROUNDS:
+                for gain in (1.0, 0.2):
+                    image, circle, box, bar = _wide_field(
+                        _texture(source), frame, ratio * frame[0], corner, max(margin, 10), True
+                    )
+                    image = _jpeg(_on_background(image, bar, colour, gain), 80)
+                    try:
+                        _assert_located(image, circle, box, bar)
+                    except AssertionError as error:
+                        raise AssertionError((name, frame, ratio, colour, gain)) from error
+
+
 @pytest.mark.parametrize("side", ["top", "left", "bottom", "right"])
 @pytest.mark.parametrize("share", [0.05, 0.1, 0.15])
 def test_clip_at_one_edge_only(sources, share, side):
@@ -477,3 +524,6 @@ def test_a_page_of_text_and_a_blank_frame_are_not_fundus():
                     cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1)  # fmt: skip
     assert locate_fundus(page) is None
     assert locate_fundus(np.full((600, 800, 3), 255, np.uint8)) is None
+    for name in ("page", "text"):  # scikit-image's scanned pages (grayscale)
+        scan = cv2.cvtColor(getattr(data, name)(), cv2.COLOR_GRAY2RGB)
+        assert locate_fundus(scan) is None, name
