@@ -332,8 +332,9 @@ def test_dim_photos_with_jpeg_noise(sources, luminance):
             raise AssertionError(name) from error
 
 
+@pytest.mark.parametrize("colour", [(235, 220, 175), (240, 235, 215)], ids=["yellow", "white"])
 @pytest.mark.parametrize("where", ["disc", "edge"])
-def test_pale_yellow_white_atrophy_over_40_percent(sources, where):
+def test_pale_yellow_white_atrophy_over_40_percent(sources, where, colour):
     """Pathologic myopia: a pale patch around the disc, or reaching the field's edge."""
     for name, (image, circle) in sources.items():
         cx, cy, r = circle
@@ -344,7 +345,7 @@ def test_pale_yellow_white_atrophy_over_40_percent(sources, where):
         assert 0.35 <= patch.sum() / field.sum() <= 0.42
         pale = image.copy()
         texture = np.random.default_rng(2).normal(0, 6, (*image.shape[:2], 1))
-        pale[patch] = np.clip(np.array([235, 220, 175]) + texture[patch], 0, 255).astype(np.uint8)
+        pale[patch] = np.clip(np.array(colour) + texture[patch], 0, 255).astype(np.uint8)
         try:
             _assert_located(pale, circle, _circle_box(circle))
         except AssertionError as error:
