@@ -519,12 +519,18 @@ def test_off_centre_dicom_cut_top_and_bottom(tmp_path, retina):
 
 
 def test_a_page_of_text_and_a_blank_frame_are_not_fundus():
+    """Pages, blank frames and a defocused glow (no aperture edge) are refused."""
     page = np.full((600, 450, 3), 245, np.uint8)
     for row in range(40, 560, 24):
         cv2.putText(page, "Lorem ipsum dolor sit amet, consectetur", (20, row),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1)  # fmt: skip
     assert locate_fundus(page) is None
     assert locate_fundus(np.full((600, 800, 3), 255, np.uint8)) is None
+    ys, xs = np.mgrid[:600, :800]
+    glow = 120 * np.exp(-((xs - 400) ** 2 + (ys - 300) ** 2) / (2 * 200**2))
+    noise = np.random.default_rng(0).normal(0, 2, (600, 800, 3))
+    glow = np.clip(glow[..., None] + noise, 0, 255).astype(np.uint8)
+    assert locate_fundus(_jpeg(glow, 90)) is None
     for name in ("page", "text"):  # scikit-image's scanned pages (grayscale)
         scan = cv2.cvtColor(getattr(data, name)(), cv2.COLOR_GRAY2RGB)
         assert locate_fundus(scan) is None, name

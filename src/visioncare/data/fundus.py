@@ -22,8 +22,8 @@ found as a shape instead:
    the one whose mask agrees better with the component wins. A field without an arc (a circle
    larger than the frame's diagonal) gets the smallest circle through its corners.
 4. The result must look like a field: its model covers the component, it stands out from what
-   is outside it, and a field with no arc must be reddish (a person would not call a grey
-   rectangle a fundus).
+   is outside it, it ends in a step (an aperture's edge, not a defocused glow), and a field
+   with no arc must be reddish (a person would not call a grey rectangle a fundus).
 
 `crop_to_field` centres the *visible* field (circle ∩ rectangle) in a square whose side is the
 visible field's longer extent and blacks out everything outside the field. `LOCALISATION_VERSION`
@@ -62,6 +62,7 @@ FIELD_SHARE = 0.1  # ... and at least this share of the way from background to t
 MIN_CONTRAST = 6  # score units: the field must exceed the background by at least this
 BAR_ASPECT = 4.0  # a component this much longer than wide ...
 BAR_FILL = 0.8  # ... filling this share of its rotated rectangle is a bar or ruler
+EDGE_STEP = 0.2  # of the field's contrast: the least step across its edge
 RECT_MIN_REDNESS = 20  # median R − B a field without any arc must have
 
 
@@ -335,6 +336,8 @@ def _locate(image: np.ndarray) -> FundusField | None:
         if np.median(score[outside]) > MAX_SURROUND * np.median(score[inside]):
             # A patch of texture (noise, a photo of something else), not a field.
             return _reject("the surround is nearly as strong as the field")
+        if not _sharp_edge(score, inside):
+            return _reject("the field fades out instead of ending at an aperture's edge")
     elif not has_arc or fit is None:
         # The whole frame is "field" with nothing around it and no arc: not a fundus photo.
         return _reject("the whole frame is foreground and no arc is visible")
@@ -342,6 +345,22 @@ def _locate(image: np.ndarray) -> FundusField | None:
         # A bright rectangle (a page, a screen) is not a fundus.
         return _reject("a rectangle without an arc that is not reddish")
     return field.scaled(1 / scale)
+
+
+def _sharp_edge(score: np.ndarray, inside: np.ndarray) -> bool:
+    """A camera's aperture ends the field abruptly: just inside its edge the score is still
+    well above just outside it, even in a vignetted photo. A soft glow (a blank, defocused
+    frame) has no such step. True when there is no outside band to compare (frame edges)."""
+    kernel = np.ones((3, 3), np.uint8)
+    field = inside.astype(np.uint8)
+    band_in = cv2.erode(field, kernel, iterations=2) & ~cv2.erode(field, kernel, iterations=6)
+    band_out = cv2.dilate(field, kernel, iterations=6) & ~cv2.dilate(field, kernel, iterations=2)
+    band_in, band_out = band_in.astype(bool), band_out.astype(bool)
+    if band_in.sum() < 20 or band_out.sum() < 20:
+        return True
+    step = float(np.median(score[band_in])) - float(np.median(score[band_out]))
+    level = float(np.median(score[inside])) - float(np.median(score[~inside]))
+    return step >= EDGE_STEP * level
 
 
 def _reject(reason: str) -> None:
