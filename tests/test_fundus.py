@@ -534,3 +534,21 @@ def test_a_page_of_text_and_a_blank_frame_are_not_fundus():
     for name in ("page", "text"):  # scikit-image's scanned pages (grayscale)
         scan = cv2.cvtColor(getattr(data, name)(), cv2.COLOR_GRAY2RGB)
         assert locate_fundus(scan) is None, name
+
+
+def test_prepare_keeps_no_bar_of_a_large_wide_field_jpeg(tmp_path, sources):
+    """Through `prepare` (reduced JPEG decoding, crop, flags): the network input has the field
+    filling its width, centred, and not one pixel of the bar beside it."""
+    from visioncare.data.preprocess import PreprocessConfig, prepare
+    from visioncare.data.quality import QualityThresholds
+
+    image = _wide_field(_texture(sources["retina"]), (1300, 1900), 1.6 * 1300, 120, 60, bar=True)[0]
+    path = tmp_path / "wide.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    out = prepare(path, PreprocessConfig(size=128), QualityThresholds())
+    assert out.field is not None and out.gradable
+    shown = out.image.max(axis=2) > 8
+    cols, rows = np.flatnonzero(shown.any(axis=0)), np.flatnonzero(shown.any(axis=1))
+    assert cols[0] <= 2 and cols[-1] >= 125  # fills the width (the longer axis)
+    assert abs((rows[0] + rows[-1] + 1) / 2 - 64) <= 0.03 * 128  # centred vertically
+    assert (out.image.min(axis=2) > 240).sum() == 0  # no white bar pixel
