@@ -293,13 +293,28 @@ def locate_fundus(image: np.ndarray) -> FundusField | None:
     return field if refined is None else refined.shifted(cx0, cy0)
 
 
+def _working_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """``image`` averaged down to `WORK_SIDE` px on its long side, and that scale factor.
+
+    Area averaging (not sampling) keeps noise and thin structures from aliasing. OpenCV's
+    area resize is ~4x faster for an exact integer factor, so a full-size photo is first reduced
+    by the largest whole factor (dropping under that many edge pixels), then to size.
+    """
+    height, width = image.shape[:2]
+    factor = max(1, max(height, width) // WORK_SIDE)
+    if factor > 1:
+        height, width = height // factor, width // factor
+        trimmed = image[: height * factor, : width * factor]
+        image = cv2.resize(trimmed, (width, height), interpolation=cv2.INTER_AREA)
+    scale = WORK_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale != 1 else image
+    return small, scale / factor
+
+
 def _locate(image: np.ndarray) -> FundusField | None:
     """One localisation pass on a working copy of ``image`` (see the module docstring)."""
-    height, width = image.shape[:2]
-    scale = WORK_SIDE / max(height, width)
-    small = cv2.resize(
-        image, (max(1, round(width * scale)), max(1, round(height * scale))), cv2.INTER_AREA
-    )
+    small, scale = _working_copy(image)
     score = _score(small)
     mask = _field_component(score)
     if mask is None:
