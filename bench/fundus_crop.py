@@ -7,7 +7,8 @@ bottom by the frame (IDRiD's look), and a synthetic fundus (`render_fundus`) sho
 wide-field export (a circle larger than the frame, rounded corners) with a white bar beside it.
 
 Rows, each the median over ``--rounds`` per photo, one OpenCV thread (as the cache uses):
-- `locate_fundus` + `crop_to_field` on the decoded full-size array (what the algorithm costs);
+- `locate_fundus` alone, then with `crop_to_field` (a 256 px crop), on the decoded full-size
+  array (what the algorithm costs when the photo is decoded whole: PNG, TIFF, DICOM);
 - `prepare()` from the JPEG file (reduced decoding, localisation, crop, quality flags): what a
   cache build or `predict.py` pays per photo;
 - the full-size JPEG decode alone, for scale.
@@ -104,13 +105,15 @@ def measure(args: argparse.Namespace) -> list[Row]:
             image = read_image(path)
             field = locate_fundus(image)
             found = "field found" if field is not None else "NO FIELD FOUND"
+            locate = median_ms(args.rounds, locate_fundus, image)
             crop = median_ms(args.rounds, locate_and_crop, image)
             config, thresholds = PreprocessConfig(size=256), QualityThresholds()
             full = median_ms(args.rounds, prepare, path, config, thresholds)
             decode = median_ms(args.rounds, read_image, path)
             label = f"{path.stem} {args.width}×{args.height}"
             rows += [
-                Row(f"{label}: locate + crop, full-size array", f"{crop:.0f} ms/photo ({found})"),
+                Row(f"{label}: locate alone, full-size array", f"{locate:.0f} ms/photo ({found})"),
+                Row(f"{label}: locate + crop, full-size array", f"{crop:.0f} ms/photo"),
                 Row(f"{label}: prepare() from the JPEG", f"{full:.0f} ms/photo"),
                 Row(f"{label}: full-size JPEG decode alone", f"{decode:.0f} ms/photo"),
             ]
