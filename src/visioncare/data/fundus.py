@@ -54,7 +54,7 @@ INLIER_TOLERANCE = 1.5  # px on the working copy
 MIN_INLIER_SHARE = 0.35  # of the arc points that must lie on the circle
 MIN_ARC_POINTS = 24  # fewer arc points than this: no circle, the rectangle model only
 MIN_AGREEMENT = 0.9  # IoU between the model's mask and the foreground component
-MAX_SURROUND = 0.4  # mean score outside the field, relative to inside: a field stands out
+MAX_SURROUND = 0.4  # median score outside the field, relative to inside: a field stands out
 CHROMA_FLOOR = 12  # 99th-percentile R − B below this: a colourless photo, score by brightness
 NOISE_SIGMAS = 4.0  # a foreground pixel is this many background noise s.d. above it
 BACKGROUND_SHARE = 0.15  # of the way from the darkest pixels to the field: still background
@@ -353,7 +353,7 @@ def _locate(image: np.ndarray) -> FundusField | None:
             return _reject("the surround is nearly as strong as the field")
         if not _sharp_edge(score, inside):
             return _reject("the field fades out instead of ending at an aperture's edge")
-    elif not has_arc or fit is None:
+    elif not has_arc:
         # The whole frame is "field" with nothing around it and no arc: not a fundus photo.
         return _reject("the whole frame is foreground and no arc is visible")
     if not has_arc and not _reddish(small, inside):
