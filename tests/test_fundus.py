@@ -375,7 +375,7 @@ def _wide_field(
     tx0, ty0 = max(0, x0), max(0, y0)
     tx1, ty1 = min(canvas_hw[1], x0 + d), min(canvas_hw[0], y0 + d)
     canvas[ty0:ty1, tx0:tx1] = stretched[sy0 : sy0 + ty1 - ty0, sx0 : sx0 + tx1 - tx0]
-    circle = (x0 + d / 2, y0 + d / 2, d / 2 * 0.985)  # the texture's disc fills ~98.5 % of it
+    circle = (x0 + d / 2, y0 + d / 2, d / 2)  # the texture is the square around its disc
     ys, xs = np.mgrid[: canvas_hw[0], : canvas_hw[1]] + 0.5
     rect = (margin, margin, margin + width, margin + height)
     visible = _disc(canvas_hw, circle) & (xs >= rect[0]) & (xs <= rect[2])
