@@ -21,8 +21,8 @@ from common import Row, machine_line, print_table
 
 HERE = Path(__file__).resolve().parent
 # Data feeding first (it sizes everything else), then training, inference,
-# Grad-CAM, memory.
-BENCHMARKS = ("data_loading", "training_speed", "inference", "gradcam", "memory")
+# Grad-CAM, memory, and the fundus crop every photo goes through.
+BENCHMARKS = ("data_loading", "training_speed", "inference", "gradcam", "memory", "fundus_crop")
 # `--smoke`: the smallest settings that still run every code path (timm's test_efficientnet, tiny
 # images, one or two steps). The figures mean nothing; tests/test_bench.py uses it so `make bench`
 # cannot silently break.
@@ -41,6 +41,7 @@ SMOKE_ARGS = {
         "--photo-width 400 --overlay-size 64 --rounds 1"
     ),
     "memory": "--backbone test_efficientnet --batches 1 --num-train 20",
+    "fundus_crop": "--width 640 --height 426 --rounds 1",
 }
 
 

@@ -35,5 +35,6 @@ def test_every_benchmark_runs_and_reports_its_budgets():
     summary = done.stdout.split("= summary =")[-1]
     for row in BUDGETED_ROWS:
         assert row in summary, f"{row!r} missing from the summary:\n{summary}"
-    for report in ("Training process peak RSS", "Whole run peak PSS", "Stage 3 (all)"):
+    reports = ("Training process peak RSS", "Whole run peak PSS", "Stage 3 (all)", "locate + crop")
+    for report in reports:
         assert report in done.stdout, report

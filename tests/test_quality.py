@@ -12,7 +12,7 @@ import pytest
 from skimage import data
 
 from visioncare.data.fundus import locate_fundus
-from visioncare.data.quality import QualityThresholds, assess
+from visioncare.data.quality import UNGRADABLE_FLAGS, QualityThresholds, assess, is_gradable
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,38 @@ def test_several_reasons_are_joined_and_no_field_is_its_own_flag(retina):
 def test_thresholds_are_configurable(retina):
     strict = QualityThresholds(blurred=0.5)
     assert assess(retina, locate_fundus(retina), strict, 256) == "blurred"
+
+
+@pytest.mark.parametrize(
+    ("quality", "gradable"),
+    [
+        ("ok", True),
+        ("small_field", True),
+        ("no_fundus_found", False),
+        ("too_dark", False),
+        ("overexposed", False),
+        ("blurred", False),
+        ("small_field;too_dark", False),
+    ],
+)
+def test_gradable_rule(quality, gradable):
+    """Gradable = field found and no flag that hides lesions; `small_field` alone is kept."""
+    assert is_gradable(quality) is gradable
+
+
+def test_prepared_photos_carry_the_gradable_rule(tmp_path, retina):
+    from visioncare.data.preprocess import PreprocessConfig, prepare
+
+    config = PreprocessConfig(size=64)
+    for name, image, expected in [
+        ("clean", retina, True),
+        ("dark", _scaled(retina, 0.15), False),
+        ("blank", np.zeros((200, 300, 3), np.uint8), False),
+    ]:
+        path = tmp_path / f"{name}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        judged = prepare(path, config, QualityThresholds(min_diameter=64))
+        assert judged.gradable is expected, (name, judged.quality)
+        assert judged.gradable == is_gradable(judged.quality)
+        assert prepare(path, config).gradable is None  # not judged without thresholds
+    assert "no_fundus_found" in UNGRADABLE_FLAGS

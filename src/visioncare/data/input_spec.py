@@ -21,10 +21,11 @@ log = logging.getLogger("visioncare")
 CHECKPOINT_KEY = "visioncare_input"
 
 FUNDUS_CROP = (
-    "locate the fundus field as a circle plus straight top/bottom cuts "
-    "(visioncare.data.fundus.locate_fundus), take the square around the circle (padding "
-    "beyond the photo black), resize to preprocess.size, black out everything outside the "
-    "field; a photo without a field is padded whole to a square"
+    "locate the fundus field as a circle intersected with an axis-aligned rectangle with "
+    "optionally rounded corners (visioncare.data.fundus.locate_fundus), take the square centred "
+    "on the visible field whose side is its longer extent (padding beyond the photo black), "
+    "resize to preprocess.size, black out everything outside the field; a photo without a "
+    "field is padded whole to a square"
 )
 
 

@@ -19,10 +19,11 @@ from visioncare.data.fundus import (
     LOCALISATION_VERSION,
     FundusField,
     crop_to_field,
+    crop_window,
     locate_fundus,
     pad_to_square,
 )
-from visioncare.data.quality import OK, QualityThresholds, assess
+from visioncare.data.quality import OK, QualityThresholds, assess, is_gradable
 
 # Parallelism is across images (cache threads, DataLoader workers), never inside one image:
 # OpenCV's own thread pool would oversubscribe small machines, and a pool started in the parent
@@ -57,8 +58,9 @@ class PreprocessConfig:
     Attributes:
         size: side of the square cached image in pixels (a little above the training size, so
             random crops keep detail).
-        crop_fundus: locate the fundus field (`visioncare.data.fundus`), centre its circle in
-            the square and black out everything outside it; false = the whole photo, padded.
+        crop_fundus: locate the fundus field (`visioncare.data.fundus`), centre the visible
+            field in the square (filling it along its longer axis) and black out everything
+            outside it; false = the whole photo, padded.
         ben_graham: subtract the local mean colour (4·img − 4·GaussianBlur(img, σ=size/30) + 128).
 
     `as_dict` adds the localisation algorithm's version: it keys the cache (a changed algorithm
@@ -97,6 +99,9 @@ class Prepared:
         field: the located fundus field in the photo's pixels (None: not found, or not looked
             for: no crop and no quality flag asked).
         quality: `ok` or the reasons the photo is doubtful (`visioncare.data.quality`).
+        gradable: whether a grade from this photo can be trusted
+            (`visioncare.data.quality.is_gradable`: field found, no untrustworthy flag); None
+            when the quality was not judged (`prepare` without thresholds, e.g. the cache).
     """
 
     image: np.ndarray
@@ -104,6 +109,7 @@ class Prepared:
     height: int
     field: FundusField | None
     quality: str
+    gradable: bool | None = None
 
 
 def _reduced_flag(path: Path, target: int) -> tuple[int, tuple[int, int] | None]:
@@ -205,7 +211,7 @@ def prepare(
     # Located for the quality flag too, so crop_fundus=false photos are still judged.
     wanted = config.crop_fundus or thresholds is not None
     field = locate_fundus(image) if wanted else None
-    if field is not None and scale > 1 and 2 * field.radius < config.size:
+    if field is not None and scale > 1 and crop_window(field)[2] < config.size:
         # Reduced decoding assumed the field fills the frame; a small one needs every pixel.
         image, _ = decode(path)
         scale = 1.0
@@ -216,15 +222,17 @@ def prepare(
         out = pad_to_square(image, config.size)
     if config.ben_graham:
         out = ben_graham(out)
-    quality = OK
+    quality, gradable = OK, None
     if thresholds is not None:
         quality = assess(image, field, thresholds, min_diameter=config.size, scale=scale)
+        gradable = is_gradable(quality)
     return Prepared(
         image=out,
         width=width,
         height=height,
         field=None if field is None else field.scaled(scale),
         quality=quality,
+        gradable=gradable,
     )
 
 

@@ -8,18 +8,20 @@ reader which rows to look at again. How the thresholds were chosen is in `Qualit
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
-from visioncare.data.fundus import FundusField, crop_to_field, field_mask
+from visioncare.data.fundus import FundusField, crop_to_field, field_in_crop, field_mask
 from visioncare.errors import ConfigurationError
 
 ANALYSIS_SIZE = 256  # px: side of the crop the measures are taken on
 OK = "ok"
 NO_FUNDUS = "no_fundus_found"
+# The flags after which a grade cannot be trusted (see `is_gradable`).
+UNGRADABLE_FLAGS = frozenset({NO_FUNDUS, "too_dark", "overexposed", "blurred"})
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,9 @@ class QualityMeasures:
 def measure(image: np.ndarray, field: FundusField) -> QualityMeasures:
     """Mean luminance, share of clipped pixels and sharpness of the field of an RGB photo."""
     crop = crop_to_field(image, field, ANALYSIS_SIZE)
-    half = ANALYSIS_SIZE / 2
+    local = field_in_crop(field, ANALYSIS_SIZE)
     shrink = 0.95  # keep the field's soft rim out of the measures
-    local = FundusField(half, half, half * shrink, -1e9, 1e9)
+    local = replace(local, radius=local.radius * shrink)
     inside = field_mask((ANALYSIS_SIZE, ANALYSIS_SIZE), local).astype(bool)
     inside &= crop.max(axis=2) > 0  # not above/below the cuts
     if inside.sum() < 100:
@@ -133,3 +135,20 @@ def assess(
     if values.sharpness < thresholds.blurred and values.luminance >= thresholds.too_dark:
         reasons.append("blurred")  # a dark photo is low-contrast too: report the cause
     return ";".join(reasons) or OK
+
+
+def is_gradable(quality: str) -> bool:
+    """Whether a grade made from a photo with this `assess` result can be trusted.
+
+    The rule: gradable = the fundus field was found and none of `UNGRADABLE_FLAGS` is raised.
+    `no_fundus_found` means the network saw the whole frame, not a located retina; `too_dark`,
+    `overexposed` and `blurred` mean the lesions that set the grade (microaneurysms, exudates,
+    haemorrhages, 2-5 px at 256 px) may be invisible, so a "no DR" cannot be told from "not
+    seen". `small_field` alone stays gradable: the whole field reaches the network, only
+    upsampled; it is flagged so a reader can look again. A reader who wants it stricter can
+    test the flags themselves (``quality.split(";")``).
+
+    Args:
+        quality: ``ok`` or flags joined by ``;`` (`assess`'s result).
+    """
+    return not (set(quality.split(";")) & UNGRADABLE_FLAGS)
