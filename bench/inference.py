@@ -8,7 +8,7 @@ This script makes both from the real pipeline — one short training run of Effi
   eager (channels-last, inference mode, as `predict.py` runs it) against onnxruntime (CPU). On a
   machine with CUDA, PyTorch on the GPU is added for reference (onnxruntime's CPU build has no
   GPU provider); the budget compares the two CPU engines.
-* **predict.py pipeline**: `visioncare.tasks.predict.predict_paths` over ``--images`` photographs of
+* **predict.py pipeline**: `visioncare.serving.predictor.predict_paths` over ``--images`` photos of
   the synthetic set with ``--workers`` loader workers — decoding, fundus crop, resize,
   normalisation and the model — the throughput a user of `predict.py` sees.
 

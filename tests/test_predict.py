@@ -158,3 +158,7 @@ def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     assert rows["op_rgb.dcm"]["quality"] == "ok" and rows["photo.jpg"]["quality"] == "ok"
     assert rows["dark.png"]["quality"] == "too_dark"
     assert rows["no_image.dcm"]["quality"] == ""
+    # The gradable rule (`data.quality.is_gradable`): a too-dark photo's grade is not trusted.
+    assert rows["op_rgb.dcm"]["gradable"] == "true" and rows["photo.jpg"]["gradable"] == "true"
+    assert rows["dark.png"]["gradable"] == "false"
+    assert rows["no_image.dcm"]["gradable"] == ""

@@ -69,6 +69,7 @@ def test_cli_writes_crops_csv_pngs_and_contact_sheet(tmp_path, photos):
     for name, (cx, cy, r) in truth.items():
         row = rows[name]
         assert row["error"] == "" and row["quality"] == "ok", (name, row)
+        assert row["gradable"] == "true", (name, row)
         assert float(row["radius"]) == pytest.approx(r, rel=0.03), name
         distance = np.hypot(float(row["center_x"]) - cx, float(row["center_y"]) - cy)
         assert distance <= 0.03 * r, name

@@ -178,7 +178,7 @@ def write_split_predictions(
     path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
 ) -> None:
     """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
-    every probability (the clinic CSV of predict.py is `prediction.write_predictions`)."""
+    every probability (the clinic CSV of predict.py is `serving.predictor.write_predictions`)."""
     columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}

@@ -26,12 +26,22 @@ from visioncare.utils.progress import progress_bar
 def csv_columns() -> list[str]:
     """The output CSV's columns, in order (a contract: see DESIGN.md)."""
     probs = [f"{task}_prob_{k}" for task, n in TASKS.items() for k in range(n)]
-    return ["image", "dr_grade", "dme_grade", *probs, "referable_dr", "quality", "error"]
+    return [
+        "image",
+        "dr_grade",
+        "dme_grade",
+        *probs,
+        "referable_dr",
+        "quality",
+        "gradable",
+        "error",
+    ]
 
 
 class _ImageFiles(Dataset):
-    """Preprocessed tensors for a list of files with their quality flag; an unreadable file
-    yields zeros, an empty flag and its error."""
+    """Preprocessed tensors for a list of files with their quality flag and gradable verdict
+    (`visioncare.data.quality.is_gradable`); an unreadable file yields zeros, empty flags and its
+    error."""
 
     def __init__(self, paths: Sequence[Path], preprocessor: ImagePreprocessor) -> None:
         self.paths = list(paths)
@@ -42,12 +52,13 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str, str]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str, str, str]:
         try:
             tensor, prepared = self.preprocessor.prepare(self.paths[index])
         except (UnreadableImageError, OSError) as error:
-            return self.blank, index, "", str(error) or type(error).__name__
-        return tensor, index, prepared.quality, ""
+            return self.blank, index, "", "", str(error) or type(error).__name__
+        gradable = "" if prepared.gradable is None else str(prepared.gradable).lower()
+        return tensor, index, prepared.quality, gradable, ""
 
 
 def _rows(
@@ -55,6 +66,7 @@ def _rows(
     probs: dict[str, Tensor],
     errors: Sequence[str],
     qualities: Sequence[str],
+    gradable: Sequence[str],
     threshold: float,
 ) -> Iterator[dict[str, Any]]:
     referable = referable_score(probs["dr"], "dr")
@@ -62,6 +74,7 @@ def _rows(
         row: dict[str, Any] = dict.fromkeys(csv_columns(), "")
         row["image"] = str(path)
         row["quality"] = qualities[i]
+        row["gradable"] = gradable[i]
         row["error"] = errors[i]
         if not errors[i]:
             for task, p in probs.items():
@@ -80,9 +93,10 @@ def predict_paths(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     thresholds: QualityThresholds | None = None,
-) -> tuple[dict[str, Tensor], list[str], list[str]]:
-    """Softmax probabilities per task (rows of failed files are NaN), per-file error texts and
-    quality flags (`visioncare.data.quality`; empty for failed files).
+) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
+    """Softmax probabilities per task (rows of failed files are NaN), per-file error texts,
+    quality flags and gradable verdicts (`visioncare.data.quality`: "true"/"false"; empty for
+    failed files).
 
     ``model`` maps a batch of images to logits per task: a `VisionCareModule` already in eval
     mode on ``device``, or an `OnnxNet`. A doubtful photo is still predicted: its flag says so.
@@ -92,19 +106,22 @@ def predict_paths(
     probs = {task: torch.full((len(paths), n), float("nan")) for task, n in TASKS.items()}
     errors = [""] * len(paths)
     qualities = [""] * len(paths)
+    gradable = [""] * len(paths)
     with progress_bar() as progress, torch.inference_mode():
         bar = progress.add_task("Predicting", total=len(paths))
-        for images, indices, flags, messages in loader:
+        for images, indices, flags, verdicts, messages in loader:
             ok = torch.tensor([not m for m in messages], dtype=torch.bool)
-            for index, flag, message in zip(indices.tolist(), flags, messages, strict=True):
+            rows = zip(indices.tolist(), flags, verdicts, messages, strict=True)
+            for index, flag, verdict, message in rows:
                 errors[index] = message
                 qualities[index] = flag
+                gradable[index] = verdict
             if ok.any():
                 logits = model(images[ok].to(device))
                 for task in TASKS:
                     probs[task][indices[ok]] = logits[task].float().softmax(dim=1).cpu()
             progress.advance(bar, len(indices))
-    return probs, errors, qualities
+    return probs, errors, qualities, gradable
 
 
 def write_predictions(
@@ -113,6 +130,7 @@ def write_predictions(
     probs: dict[str, Tensor],
     errors: Sequence[str],
     qualities: Sequence[str],
+    gradable: Sequence[str],
     threshold: float = DEFAULT_THRESHOLD,
 ) -> None:
     """The prediction CSV (columns: `csv_columns()`).
@@ -123,7 +141,7 @@ def write_predictions(
     with output.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns())
         writer.writeheader()
-        writer.writerows(_rows(paths, probs, errors, qualities, threshold))
+        writer.writerows(_rows(paths, probs, errors, qualities, gradable, threshold))
 
 
 def load_predictor(

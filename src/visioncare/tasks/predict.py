@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         engine = f"PyTorch on {device}"
     log.info("Predicting %d image(s) with %s", len(paths), engine)
-    probs, errors, qualities = predict_paths(
+    probs, errors, qualities, gradable = predict_paths(
         model, spec, paths, int(cfg.batch_size), int(cfg.num_workers), device, thresholds
     )
     output = _resolve_output(str(cfg.output), output_dir)
@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.ckpt_path,
             threshold,
         )
-    write_predictions(output, paths, probs, errors, qualities, threshold)
+    write_predictions(output, paths, probs, errors, qualities, gradable, threshold)
     doubtful = sum(q not in ("", "ok") for q in qualities)
     if doubtful:
         log.warning(

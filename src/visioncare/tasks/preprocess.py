@@ -38,7 +38,19 @@ from visioncare.utils.progress import progress_bar
 
 log = logging.getLogger("visioncare")
 
-CROPS_COLUMNS = ["image", "width", "height", "center_x", "center_y", "radius", "quality", "error"]
+# The located field in the photo's pixels (`FundusField.as_dict`: circle, the four straight cuts
+# clipped to the visible field, the corner rounding), the quality flag and the gradable verdict.
+FIELD_COLUMNS = [
+    "center_x",
+    "center_y",
+    "radius",
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "corner_radius",
+]
+CROPS_COLUMNS = ["image", "width", "height", *FIELD_COLUMNS, "quality", "gradable", "error"]
 SHEET_TILE = 160  # px per photo on the contact sheet
 SHEET_MAX = 100  # photos on the contact sheet (the first ones): a page, not a poster
 
@@ -101,12 +113,11 @@ def _row(path: Path, prepared: Prepared | None, error: str) -> dict[str, Any]:
     row["error"] = error
     if prepared is not None:
         row.update(width=prepared.width, height=prepared.height, quality=prepared.quality)
+        if prepared.gradable is not None:
+            row["gradable"] = str(prepared.gradable).lower()
         if prepared.field is not None:
-            row.update(
-                center_x=f"{prepared.field.center_x:.1f}",
-                center_y=f"{prepared.field.center_y:.1f}",
-                radius=f"{prepared.field.radius:.1f}",
-            )
+            field = prepared.field.as_dict()
+            row.update({key: f"{field[key]:.1f}" for key in FIELD_COLUMNS})
     return row
 
 
