@@ -88,6 +88,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert target.read_text() == "0"  # the previous checkpoint is intact
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training_naming_the_task():
     # Checked every 3 batches: no host read per step, the error within 3 batches.
     module = VisionCareModule(

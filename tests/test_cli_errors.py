@@ -34,6 +34,7 @@ def _assert_one_error_line(done: subprocess.CompletedProcess, *fragments: str) -
     return line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
@@ -63,6 +64,7 @@ def test_train_config_mistakes_are_one_error_line(
     assert not list((tmp_path / "logs").glob("**/*.ckpt"))  # stopped before training
 
 
+@pytest.mark.slow
 def test_eval_predict_export_mistakes_are_one_error_line(tmp_path, tiny_checkpoint):
     logs = f"paths.log_dir={tmp_path / 'logs'}"
     ckpt = f"ckpt_path={tiny_checkpoint}"

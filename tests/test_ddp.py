@@ -35,6 +35,7 @@ def test_ddp_cpu_two_processes(tmp_path, synthetic_root, cache_dir):
     assert summary["test"]["test/num_dme"] == summary["data"]["num_test"]
 
 
+@pytest.mark.slow
 def test_multirun_with_ddp_is_refused_with_a_clear_message(tmp_path):
     command = [
         sys.executable, "src/train.py", "-m", "trainer=ddp_cpu", "unfreeze_step=1,2",

@@ -169,6 +169,7 @@ def _dicom_table(root: Path, photo: np.ndarray, broken: bool = False) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_data_can_be_dicom(tmp_path, make_cfg, photo):
     """The cache reads DICOM like any photo, and crops the located field."""
     from hydra.utils import instantiate

@@ -227,6 +227,7 @@ def test_compute_metrics_partial_labels_and_sources():
 
 
 # ------------------------------------------------------------------ tests
+@pytest.mark.slow
 def test_metrics_match_independent_computation(eval_cfg):
     cfg = eval_cfg()
     returned = evaluate(cfg)
@@ -266,6 +267,7 @@ def test_metrics_match_independent_computation(eval_cfg):
         assert roc.is_file() == (metrics[f"test/referable_{task}_auroc"] is not None)
 
 
+@pytest.mark.slow
 def test_tta_changes_probabilities_keeps_keys(eval_cfg, tmp_path):
     plain_cfg = eval_cfg()
     evaluate(plain_cfg)
@@ -283,6 +285,7 @@ def test_tta_changes_probabilities_keeps_keys(eval_cfg, tmp_path):
     assert not np.allclose(tta_pred["dr_prob_0"], plain_pred["dr_prob_0"], atol=1e-7)
 
 
+@pytest.mark.slow
 def test_data_override_keeps_checkpoint_preprocessing(eval_cfg, synthetic_root, tmp_path):
     """data=synthetic says image_size=128; the checkpoint's 64 px input must win."""
     cfg = eval_cfg("data=synthetic", f"data.root={synthetic_root}", *SYNTHETIC_OVERRIDES)
@@ -298,6 +301,7 @@ def test_absent_ckpt_path_is_a_configuration_error(eval_cfg, tmp_path):
         evaluate(eval_cfg(f"ckpt_path={absent}"))
 
 
+@pytest.mark.slow
 def test_cli_missing_ckpt_path_and_real_run(ckpt: Path, cache_dir: Path, tmp_path: Path):
     env = {**os.environ, "VISIONCARE_ROOT": str(ROOT), "PYTHONPATH": str(ROOT / "src")}
     log_dir = tmp_path / "logs"
@@ -315,6 +319,7 @@ def test_cli_missing_ckpt_path_and_real_run(ckpt: Path, cache_dir: Path, tmp_pat
     assert (found[0].parent / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_predict_csv_equals_what_eval_scores(eval_cfg, ckpt, tmp_path):
     """predict.py on the test images gives exactly the probabilities eval.py scored."""
     evaluate(eval_cfg())
@@ -368,6 +373,7 @@ def _plain_loop_probabilities(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
 def test_trainer_predict_probabilities_equal_the_plain_loop(eval_cfg, ckpt, tta):
     """`collect_probabilities` (`predict_step` through `trainer.predict`) gives the plain loop's

@@ -24,6 +24,7 @@ def trained(tiny_checkpoint, synthetic_root) -> tuple[Path, list[Path]]:
     return tiny_checkpoint, images[:3]
 
 
+@pytest.mark.slow
 def test_batched_gradcam_equals_one_image_at_a_time(tmp_path, trained):
     """Batching (both tasks, several images per pass) must not change any image's CAM."""
     ckpt, images = trained

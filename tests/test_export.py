@@ -47,6 +47,7 @@ def exported(tmp_path_factory, tiny_checkpoint) -> tuple[Path, Path, dict]:
     return tiny_checkpoint, out, export(export_cfg)
 
 
+@pytest.mark.slow
 def test_export_writes_all_files(exported):
     _, out, result = exported
     for name in ("model.onnx", "model.safetensors", "preprocessing.json"):
@@ -54,6 +55,7 @@ def test_export_writes_all_files(exported):
     assert result["onnx_max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_onnx_matches_pytorch(exported, batch):
     ckpt, out, _ = exported
@@ -69,6 +71,7 @@ def test_onnx_matches_pytorch(exported, batch):
     assert np.abs(dme - expected["dme"].numpy()).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_safetensors_reload_into_a_fresh_net(exported):
     ckpt, out, _ = exported
     model, _ = load_model(ckpt)
@@ -85,6 +88,7 @@ def test_safetensors_reload_into_a_fresh_net(exported):
         assert torch.equal(got[task], expected[task])
 
 
+@pytest.mark.slow
 def test_preprocessing_json(exported):
     ckpt, out, _ = exported
     info = json.loads((out / "preprocessing.json").read_text())
@@ -102,6 +106,7 @@ def test_preprocessing_json(exported):
     assert info["output_names"] == ["dr_logits", "dme_logits"] and info["input_name"] == "image"
 
 
+@pytest.mark.slow
 def test_cli_reports_the_difference(exported, tmp_path):
     ckpt, _, _ = exported
     command = [
@@ -114,6 +119,7 @@ def test_cli_reports_the_difference(exported, tmp_path):
     assert (tmp_path / "cli" / "model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_a_wrong_graph_fails_the_check(exported, tmp_path):
     """The check must catch a graph that is not the network (here: other weights)."""
     ckpt, _, _ = exported
@@ -139,6 +145,7 @@ def _probabilities(csv_path: Path) -> np.ndarray:
     return np.array([[float(row[c]) for c in columns] for row in rows])
 
 
+@pytest.mark.slow
 def test_predict_with_the_onnx_export_matches_the_checkpoint(exported, synthetic_root, tmp_path):
     """predict.py takes model.onnx (+ preprocessing.json) and agrees with the checkpoint."""
     ckpt, out, _ = exported
@@ -153,6 +160,7 @@ def test_predict_with_the_onnx_export_matches_the_checkpoint(exported, synthetic
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_predict_needs_preprocessing_json_and_refuses_gradcam(
     exported, synthetic_root, tmp_path
 ):
@@ -167,6 +175,7 @@ def test_onnx_predict_needs_preprocessing_json_and_refuses_gradcam(
         run_predict(predict_cfg(tmp_path, lonely, photos[0]))
 
 
+@pytest.mark.slow
 def test_an_onnx_file_that_is_not_a_visioncare_export_is_refused(exported, tmp_path):
     _, out, _ = exported
     stranger = tmp_path / "model.onnx"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -12,6 +13,7 @@ from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model
 from visioncare.tasks.train import run as train
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_model_and_preprocessing(make_cfg):
     cfg = make_cfg("trainer.max_epochs=1", "logger=none", "test=false")
     train(cfg)

@@ -25,6 +25,7 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARIABLES)}
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_share_one_run(tmp_path):
     """torchrun, 2 gloo ranks, an empty data folder, 1 validation and 1 test image.
 
@@ -153,6 +154,7 @@ def test_torchrun_ranks_take_the_first_proposal_from_the_agent_store(monkeypatch
     assert launcher.torchelastic_run_name("rank1-time") == "rank0-time"
 
 
+@pytest.mark.slow
 def test_slurm_requeue_is_resumed_by_train(slurm_job, make_cfg, monkeypatch):
     """A requeued job's train() picks up the last.ckpt in its own run directory by itself."""
     monkeypatch.setenv("SLURM_NTASKS", "1")

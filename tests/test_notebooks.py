@@ -62,10 +62,12 @@ def test_committed_notebooks_are_stripped(name):
         assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow
 def test_data_notebook(tmp_path):
     _check(_execute("01_data", "IMAGE_SIZE = 96\nN_PER_GRADE = 1\nSEED = 0", tmp_path))
 
 
+@pytest.mark.slow
 def test_schedule_notebook(tmp_path):
     params = 'OVERRIDES = ["model=tiny", "trainer.max_epochs=6", "unfreeze_step=1"]'
     # Run from a subfolder of the repo: the notebook must find conf/ by walking up.
@@ -75,6 +77,7 @@ def test_schedule_notebook(tmp_path):
     assert "backbone_top" in text and "stage 3" in text
 
 
+@pytest.mark.slow
 def test_results_notebook(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=2", "logger=none")
     train(cfg)

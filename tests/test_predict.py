@@ -50,6 +50,7 @@ def _folder(tmp_path: Path, images: list[Path]) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_folder_input_with_corrupt_file(tmp_path, trained):
     ckpt, images = trained
     folder = _folder(tmp_path, images)
@@ -73,6 +74,7 @@ def test_folder_input_with_corrupt_file(tmp_path, trained):
         assert int(row["referable_dr"]) == int(sum(dr[2:]) >= threshold - 1e-6)
 
 
+@pytest.mark.slow
 def test_glob_and_csv_inputs(tmp_path, trained):
     ckpt, images = trained
     folder = _folder(tmp_path, images)
@@ -96,6 +98,7 @@ def test_glob_and_csv_inputs(tmp_path, trained):
         run_predict(predict_cfg(tmp_path, ckpt, tmp_path / "nothing-here" / "*.jpg"))
 
 
+@pytest.mark.slow
 def test_predictions_match_the_models_forward(tmp_path, trained):
     ckpt, images = trained
     folder = tmp_path / "copies"
@@ -118,6 +121,7 @@ def test_predictions_match_the_models_forward(tmp_path, trained):
             assert int(row[f"{task}_grade"]) == int(expected.argmax())
 
 
+@pytest.mark.slow
 def test_explain_overlays_the_cropped_fundus(tmp_path, trained):
     """Overlays are the fundus square (explain_size px), black outside the field."""
     ckpt, images = trained
@@ -135,6 +139,7 @@ def test_explain_overlays_the_cropped_fundus(tmp_path, trained):
             assert overlay[80, 80].any()  # the centre of the field is drawn
 
 
+@pytest.mark.slow
 def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     """A clinic's export folder: one row per photo, errors only for the broken files, and a
     quality flag per photo (a darkened copy is flagged, the prediction is still made)."""

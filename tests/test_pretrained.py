@@ -112,6 +112,7 @@ def _backbone_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_frozen_imagenet_weights_bit_identical(make_cfg, tmp_path, weights_dir):
     """Through the real config: stage 0 changes nothing in the backbone, BatchNorm statistics
     included; after the stage-1 boundary exactly the top 25 % of the blocks change."""

@@ -54,6 +54,7 @@ def _rows(out: Path) -> dict[str, dict[str, str]]:
         return {Path(row["image"]).name: row for row in reader}
 
 
+@pytest.mark.slow
 def test_cli_writes_crops_csv_pngs_and_contact_sheet(tmp_path, photos):
     folder, truth = photos
     out = tmp_path / "seen"
@@ -88,6 +89,7 @@ def test_cli_writes_crops_csv_pngs_and_contact_sheet(tmp_path, photos):
     assert sheet is not None and sheet.shape[1] == 5 * 160
 
 
+@pytest.mark.slow
 def test_checkpoint_preprocessing_is_used(tmp_path, photos, tiny_checkpoint):
     folder, _ = photos
     GlobalHydra.instance().clear()

@@ -36,6 +36,7 @@ def _cli(
     return done
 
 
+@pytest.mark.slow
 def test_resume_continues_in_the_same_run_directory(tmp_path, synthetic_root, cache_dir):
     logs = tmp_path / "logs"
     _cli("trainer.max_epochs=2", synthetic_root=synthetic_root, cache_dir=cache_dir, logs=logs)
@@ -64,6 +65,7 @@ def test_resume_continues_in_the_same_run_directory(tmp_path, synthetic_root, ca
     assert resume_run_dir("last", str(logs / "train"), "fresh") == str(run.resolve())
 
 
+@pytest.mark.slow
 def test_resume_into_another_directory_brings_the_best_checkpoint(make_cfg, tmp_path):
     """`ckpt_path=<run A>/checkpoints/last.ckpt` with another run dir (explicit hydra.run.dir).
 
@@ -125,6 +127,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     assert resume_run_dir(str(junk), str(tmp_path), "fresh") == "fresh"
 
 
+@pytest.mark.slow
 def test_multirun_sweep_writes_a_ranked_summary(tmp_path, synthetic_root, cache_dir):
     logs = tmp_path / "logs"
     _cli(

@@ -212,6 +212,7 @@ def test_tf32_only_for_full_precision_on_ampere_and_newer(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
 def test_compile_waits_for_the_last_unfreezing_stage():
     """Compiled before the last stage, each stage's requires_grad flip would recompile."""
     from visioncare.models.module import VisionCareModule

@@ -601,6 +601,7 @@ def test_old_checkpoints_source_split_seed_is_the_test_split_seed(tmp_path, make
     assert "data.source.split_seed=3 is now data.test_split_seed" in caplog.text
 
 
+@pytest.mark.slow
 def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
     """IDRiD (DR + DME) with APTOS (DR only) through a real training run, metrics per source."""
     rows = [(f"IDRiD_{i:03d}", str(i % 5), str(0 if i % 5 < 2 else i % 3)) for i in range(1, 21)]
@@ -627,6 +628,7 @@ def test_combined_idrid_and_aptos_train_with_missing_labels(tmp_path, make_cfg):
     assert 0.0 <= metrics["val/avg_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_dr_only_training_leaves_sigma_dme_at_its_initial_value(tmp_path, make_cfg):
     """A real run on APTOS (no DME grades): the DME log-variance is never pushed anywhere."""
     make_aptos(tmp_path / "aptos", [g for g in range(5) for _ in range(6)])

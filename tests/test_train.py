@@ -63,6 +63,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cache_dir):
     logs = tmp_path / "logs"
     command = [
@@ -125,6 +126,7 @@ def test_cli_run_leaves_the_run_directory_contract(tmp_path, synthetic_root, cac
     assert "BestAverageAccuracy" in " ".join(checkpoint["callbacks"])
 
 
+@pytest.mark.slow
 def test_train_returns_metrics_and_honours_unfreeze_off(make_cfg):
     cfg = make_cfg("unfreeze_step=0", "trainer.max_epochs=1", "logger=none")
     metrics = train(cfg)
@@ -134,6 +136,7 @@ def test_train_returns_metrics_and_honours_unfreeze_off(make_cfg):
     assert float(rows[0]["unfreeze/trainable_fraction"]) == 1.0
 
 
+@pytest.mark.slow
 def test_each_metrics_row_has_its_own_epochs_training_values(make_cfg):
     """An epoch cut short by max_steps still gets its own train/* values, not the last epoch's."""
     cfg = make_cfg("trainer.max_epochs=3", "+trainer.max_steps=5", "logger=none", "test=false")
@@ -153,6 +156,7 @@ def test_missing_checkpoint_is_an_error_not_a_fresh_start(make_cfg, tmp_path):
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_data_root_fails_cleanly(tmp_path):
     command = [
         sys.executable, "src/train.py", "data=idrid", f"data.root={tmp_path / 'missing'}",
@@ -165,6 +169,7 @@ def test_cli_bad_data_root_fails_cleanly(tmp_path):
     assert not list((tmp_path / "logs").glob("**/*.ckpt"))
 
 
+@pytest.mark.slow
 def test_everything_written_to_tensorboard_is_on_disk_when_train_returns(make_cfg, monkeypatch):
     """The tail a run writes after Lightning closed the logger must not wait in a queue.
 

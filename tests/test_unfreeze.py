@@ -50,6 +50,7 @@ def test_stages_unfreeze_top_down(module):
     assert fractions == sorted(fractions) and 0 < fractions[1] < fractions[2] < 1
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_stays_in_eval_mode(module):
     cb = GradualUnfreezing(unfreeze_step=1)
     module.train()
@@ -62,6 +63,7 @@ def test_frozen_batchnorm_stays_in_eval_mode(module):
     assert all(m.training for m in module.net.backbone.modules())
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_running_stats_do_not_change(module):
     cb = GradualUnfreezing(unfreeze_step=1)
     module.train()
