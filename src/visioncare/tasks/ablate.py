@@ -37,7 +37,7 @@ from visioncare.errors import ConfigurationError, VisionCareError
 
 log = logging.getLogger("visioncare")
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"  # src/train.py
 # Column in ablation.csv -> (where in summary.json, label in ablation.md).
 METRICS = {
     "val_avg_acc": (("best", "val/avg_acc"), "val avg_acc"),
