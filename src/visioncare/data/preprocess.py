@@ -7,6 +7,8 @@ Run once per image when the cache is built (`visioncare.data.cache`), never per 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -239,3 +241,25 @@ def prepare(
 def preprocess(path: str | Path, config: PreprocessConfig) -> np.ndarray:
     """The cached image of ``path``: RGB uint8 (size, size, 3) (see `prepare`)."""
     return prepare(path, config).image
+
+
+def gradable_flags(
+    paths: Sequence[str | Path],
+    config: PreprocessConfig,
+    thresholds: QualityThresholds,
+    num_workers: int = 1,
+) -> list[bool]:
+    """Whether each photo's grade can be trusted (`quality.is_gradable`), as `predict.py` judges.
+
+    The cache stores pixels only, so an evaluation that reports its gradable subset measures
+    the photos again here, with the same `prepare` (a file that cannot be read is not gradable).
+    """
+
+    def one(path: str | Path) -> bool:
+        try:
+            return bool(prepare(path, config, thresholds).gradable)
+        except (UnreadableImageError, OSError):
+            return False
+
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:  # OpenCV frees the GIL
+        return list(pool.map(one, paths))
