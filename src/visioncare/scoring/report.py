@@ -133,6 +133,35 @@ def uncertainty_metrics(
     return out
 
 
+def uncalibrated_metrics(
+    raw_probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    patients: list[str],
+    split: str,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """NLL, Brier and ECE of the raw (uncalibrated) probabilities with intervals, keys
+    ``{split}/{measure}_{task}_uncalibrated``: the same function and the same bootstrap draws
+    as the calibrated ones, so the two read side by side."""
+    outcomes = outcomes_from_probs(
+        {t: p.double().numpy() for t, p in raw_probs.items()},
+        {t: v.numpy() for t, v in targets.items()},
+        {t: threshold_for(None, t) for t in TASKS},
+    )
+    names = [f"{m}_{t}" for t in TASKS for m in CALIBRATION_METRICS]
+    units = patients if _shares_patients(patients) else None
+    point = point_metrics(outcomes)
+    out: dict[str, Any] = {}
+    for name, (low, high) in bootstrap_intervals(
+        outcomes, units, resamples, seed, level, names
+    ).items():
+        key = f"{split}/{name}_uncalibrated"
+        out[key], out[f"{key}_ci_low"], out[f"{key}_ci_high"] = point[name], low, high
+    return out
+
+
 def _shares_patients(patients: list[str]) -> bool:
     """Whether some images share a patient (otherwise per-patient equals per-image)."""
     return len(set(patients)) < len(patients)
@@ -147,12 +176,23 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
 
 
 def write_split_predictions(
-    path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
+    path: Path,
+    records: list,
+    probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    uncalibrated: dict[str, Tensor] | None = None,
 ) -> None:
     """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
-    every probability (the clinic CSV of predict.py is `prediction.write_predictions`)."""
+    every probability (the clinic CSV of predict.py is `prediction.write_predictions`).
+
+    ``probs`` are the calibrated probabilities (what predict.py writes); ``uncalibrated``, when
+    given, adds the raw ones as ``{task}_prob_{k}_uncalibrated`` so every reported number,
+    calibrated or not, can be recomputed from this file alone.
+    """
     columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
+    if uncalibrated is not None:
+        columns += [f"{t}_prob_{k}_uncalibrated" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -162,6 +202,8 @@ def write_split_predictions(
             row += [int(targets["dr"][i]), int(targets["dme"][i])]
             row += [int(preds["dr"][i]), int(preds["dme"][i])]
             row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
+            if uncalibrated is not None:
+                row += [float(v) for t in TASKS for v in uncalibrated[t][i].tolist()]
             writer.writerow(row)
 
 
@@ -220,10 +262,16 @@ def write_report(
         lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/{name}')} |")
     for task, num_classes in TASKS.items():
         lines += ["", f"## {task.upper()}", "", *header]
-        names = ["acc", "f1", "qwk", "ece", "num"]
+        names = ["acc", "f1", "qwk", "num"]
+        names += [f"{m}{s}" for m in CALIBRATION_METRICS for s in ("", "_uncalibrated")]
         names += [f"per_class_acc_{task}_{k}" for k in range(num_classes)]
         for name in names:
-            key = f"{split}/{name}" if name.startswith("per_class") else f"{split}/{name}_{task}"
+            if name.startswith("per_class"):
+                key = f"{split}/{name}"
+            elif name.endswith("_uncalibrated"):
+                key = f"{split}/{name.removesuffix('_uncalibrated')}_{task}_uncalibrated"
+            else:
+                key = f"{split}/{name}_{task}"
             value = metrics.get(key)
             shown = (
                 str(int(value)) if name == "num" and value is not None else _fmt_ci(metrics, key)

@@ -45,6 +45,7 @@ from visioncare.runs.resume import resolve_ckpt_path
 from visioncare.scoring.bootstrap import (
     outcomes_from_probs,
 )
+from visioncare.scoring.calibration import calibrate
 from visioncare.scoring.referral import (
     REFERABLE_FROM,
     threshold_for,
@@ -53,6 +54,7 @@ from visioncare.scoring.report import (
     _has_patients,
     compute_metrics,
     print_table,
+    uncalibrated_metrics,
     uncertainty_metrics,
     write_eval_plots,
     write_metrics_json,
@@ -118,6 +120,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     records = datamodule.splits[split]
     names = datamodule.source_names
+    # Calibrated probabilities are what predict.py reports; the raw ones are kept for the
+    # before/after calibration measures and predictions.csv.
+    temperatures = getattr(model, "temperatures", None)
+    if not temperatures:
+        log.warning(
+            "%s has no stored temperature; calibrated metrics equal the uncalibrated ones",
+            ckpt_path,
+        )
+    raw_probs = probs
+    probs = calibrate(raw_probs, temperatures)
     thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
     if not model.operating_points:
         log.warning(
@@ -142,8 +154,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
             level=level,
         )
     )
+    metrics.update(
+        uncalibrated_metrics(
+            raw_probs,
+            targets,
+            [r.group for r in records],
+            split,
+            resamples=resamples,
+            seed=int(bootstrap.get("seed", 0)),
+            level=level,
+        )
+    )
     write_metrics_json(output_dir / "metrics.json", metrics)
-    write_split_predictions(output_dir / "predictions.csv", records, probs, targets)
+    write_split_predictions(output_dir / "predictions.csv", records, probs, targets, raw_probs)
     plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
     write_report(
         output_dir / "report.md",
