@@ -441,3 +441,6 @@ def test_stored_temperatures_calibrate_reported_probabilities(eval_cfg, monkeypa
     _check_against_hand(metrics, pred, "test")
     _check_calibration(metrics, pred, "test")
     assert "nll_dr_uncalibrated" in (run / "report.md").read_text()
+    # 16 test images: below subgroups.min_size (20), so the source group has its count only.
+    assert metrics["test/group/source=synthetic/num"] == 16
+    assert "## Subgroups" in (run / "report.md").read_text()

@@ -126,3 +126,43 @@ def test_calibration_intervals_come_from_the_same_function():
     )
     for name in names:
         assert one[name][0] == pytest.approx(resampled[name], abs=1e-9), name
+
+
+def test_subgroups_score_each_group_with_the_report_function():
+    """Per source and laterality: each group large enough gets the report function's values on
+    its own images and an interval; a small group only its count."""
+    from pathlib import Path
+
+    from visioncare.data.records import Record
+    from visioncare.scoring.report import subgroup_metrics
+
+    probs, targets = _sample(60, seed=8)
+    records = [
+        Record(
+            image=Path(f"img{i}.png"),
+            dr=int(targets["dr"][i]),
+            dme=int(targets["dme"][i]),
+            source="idrid" if i < 50 else "aptos",
+            key=f"k{i}",
+            laterality="L" if i % 2 else "",
+        )
+        for i in range(60)
+    ]
+    outcomes = outcomes_from_probs(probs, targets, THRESHOLDS)
+    out = subgroup_metrics(outcomes, records, "test", 20, resamples=20, seed=0)
+    assert out["test/group/source=aptos/num"] == 10
+    assert "test/group/source=aptos/acc_dr" not in out  # below min_size: count only
+    left = np.arange(60) % 2 == 1
+    expected = point_metrics(
+        outcomes_from_probs(
+            {t: p[left] for t, p in probs.items()},
+            {t: v[left] for t, v in targets.items()},
+            THRESHOLDS,
+        )
+    )
+    prefix = "test/group/laterality=L"
+    assert out[f"{prefix}/num"] == 30 and out["test/group/laterality=unknown/num"] == 30
+    for name in ("acc_dr", "qwk_dme", "ece_dr", "referable_dr_auroc"):
+        assert out[f"{prefix}/{name}"] == pytest.approx(expected[name]), name
+        assert out[f"{prefix}/{name}_ci_low"] <= out[f"{prefix}/{name}_ci_high"]
+    assert out["test/group/source=idrid/num"] == 50 and "test/group/source=idrid/f1_dr" in out

@@ -162,6 +162,54 @@ def uncalibrated_metrics(
     return out
 
 
+# The subgroup table's columns in report.md.
+SUBGROUP_COLUMNS = ("acc_dr", "acc_dme", "qwk_dr", "referable_dr_auroc", "ece_dr")
+
+
+def groupings(records: list) -> dict[str, list[str]]:
+    """Each grouping the records provide (column → each image's value): the source dataset
+    always, laterality where any image has one (unknown eyes form the group ``unknown``)."""
+    out = {"source": [r.source for r in records]}
+    if any(r.laterality for r in records):
+        out["laterality"] = [r.laterality or "unknown" for r in records]
+    return out
+
+
+def subgroup_metrics(
+    outcomes: Outcomes,
+    records: list,
+    split: str,
+    min_size: int,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Point values and intervals per subgroup, keys ``{split}/group/{column}={value}/{name}``.
+
+    A group smaller than ``min_size`` images gets only its ``num`` (metrics on a handful of
+    images would read as findings). Intervals resample the group's own patients.
+    """
+    out: dict[str, Any] = {}
+    patients = [r.group for r in records]
+    for column, values in groupings(records).items():
+        for value in sorted(set(values)):
+            mask = np.array([v == value for v in values])
+            prefix = f"{split}/group/{column}={value}"
+            out[f"{prefix}/num"] = int(mask.sum())
+            if mask.sum() < min_size:
+                continue
+            subset = _select(outcomes, mask)
+            members = [p for p, m in zip(patients, mask, strict=True) if m]
+            units = members if _shares_patients(members) else None
+            names = interval_names(subset)
+            point = point_metrics(subset)
+            intervals = bootstrap_intervals(subset, units, resamples, seed, level, names)
+            for name in names:
+                out[f"{prefix}/{name}"] = point[name]
+                out[f"{prefix}/{name}_ci_low"], out[f"{prefix}/{name}_ci_high"] = intervals[name]
+    return out
+
+
 def _shares_patients(patients: list[str]) -> bool:
     """Whether some images share a patient (otherwise per-patient equals per-image)."""
     return len(set(patients)) < len(patients)
@@ -297,8 +345,25 @@ def write_report(
         lines += ["", *header]
         for name in CI_METRICS:
             lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/patient/{name}')} |")
+    group_prefix = f"{split}/group/"
+    groups = sorted(
+        {k.rsplit("/", 1)[0] for k in metrics if k.startswith(group_prefix) and k.endswith("/num")}
+    )
+    if groups:
+        lines += ["", "## Subgroups", "", "| group | n | " + " | ".join(SUBGROUP_COLUMNS) + " |"]
+        lines.append("|---" * (len(SUBGROUP_COLUMNS) + 2) + "|")
+        for group in groups:
+            shown = [_fmt_ci(metrics, f"{group}/{m}") for m in SUBGROUP_COLUMNS]
+            if f"{group}/acc_dr" not in metrics:
+                shown = ["(too few images)"] + [""] * (len(SUBGROUP_COLUMNS) - 1)
+            name = group.split("/group/", 1)[1]
+            lines.append(f"| {name} | {metrics[f'{group}/num']} | " + " | ".join(shown) + " |")
     per_source = sorted(
-        {k.split("/")[1] for k in metrics if k.count("/") == 2 and k.split("/")[1] != "patient"}
+        {
+            k.split("/")[1]
+            for k in metrics
+            if k.count("/") == 2 and k.split("/")[1] not in ("patient", "group")
+        }
     )
     if per_source:
         lines += ["", "## Per source", "", "| source | " + " | ".join(HEADLINE) + " |"]

@@ -54,6 +54,7 @@ from visioncare.scoring.report import (
     _has_patients,
     compute_metrics,
     print_table,
+    subgroup_metrics,
     uncalibrated_metrics,
     uncertainty_metrics,
     write_eval_plots,
@@ -160,6 +161,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
             targets,
             [r.group for r in records],
             split,
+            resamples=resamples,
+            seed=int(bootstrap.get("seed", 0)),
+            level=level,
+        )
+    )
+    min_size = check_int_at_least(
+        (cfg.get("subgroups") or {}).get("min_size", 20), "subgroups.min_size", minimum=0
+    )
+    metrics.update(
+        subgroup_metrics(
+            outcomes_from_probs(
+                {t: p.numpy() for t, p in probs.items()},
+                {t: v.numpy() for t, v in targets.items()},
+                thresholds,
+            ),
+            records,
+            split,
+            min_size=min_size,
             resamples=resamples,
             seed=int(bootstrap.get("seed", 0)),
             level=level,
