@@ -19,11 +19,19 @@ Written to the run directory (`paths.output_dir`):
   metrics again per patient as `test/patient/...` (a patient's grade is the worse eye's; see
   `visioncare.scoring.bootstrap`) with `test/patient/num_patients`. A value that is undefined (no
   labels for the task, a single class for AUROC) is null. The prefix is the split's name
-  (`val/...`).
+  (`val/...`). Calibration per task: `test/nll_{t}`, `test/brier_{t}` (squared error summed over
+  grades) and `test/ece_{t}` on the calibrated probabilities (the model's stored
+  `temperatures`; none stored: a warning, and calibrated = raw), and the same with
+  `_uncalibrated` on the raw softmax. Subgroups (source dataset; laterality where known):
+  `test/group/<column>=<value>/num` always, and every metric with an interval when the group
+  has at least `subgroups.min_size` images.
 - Bootstrap 95 % intervals (`bootstrap.resamples` draws, seeded by `bootstrap.seed`, patients
-  resampled where known) of every headline metric as `<key>_ci_low` / `<key>_ci_high`.
-- `predictions.csv`: one row per image (patient id where known, true and predicted grades, all
-  probabilities), so every number above can be re-computed independently.
+  resampled where known) of every headline and calibration metric as `<key>_ci_low` /
+  `<key>_ci_high`. Point values and intervals come from one function
+  (`visioncare.scoring.bootstrap.weighted_metrics`).
+- `predictions.csv`: one row per image (patient id where known, true and predicted grades, the
+  calibrated probabilities `{t}_prob_{k}` and the raw `{t}_prob_{k}_uncalibrated`), so every
+  number above can be re-computed independently.
 - `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
 """
 
