@@ -226,6 +226,30 @@ def test_compute_metrics_partial_labels_and_sources():
     assert metrics["test/aptos/acc_dme"] is None and metrics["test/idrid/acc_dme"] is not None
 
 
+def _check_calibration(metrics: dict, pred: dict[str, np.ndarray], prefix: str) -> None:
+    """NLL, Brier and ECE, calibrated (the `prob` columns) and raw (`_uncalibrated` columns),
+    recomputed from predictions.csv; each with an interval around it."""
+    for task, n in TASKS.items():
+        labelled = pred[f"{task}_true"] >= 0
+        y = pred[f"{task}_true"][labelled].astype(int)
+        for suffix in ("", "_uncalibrated"):
+            probs = np.stack([pred[f"{task}_prob_{k}{suffix}"] for k in range(n)], 1)[labelled]
+            nll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+            brier = float(((probs - np.eye(n)[y]) ** 2).sum(1).mean())
+            confidence, right = probs.max(1), probs.argmax(1) == y
+            bins = np.minimum((confidence * 15).astype(int), 15)
+            ece = sum(
+                abs(right[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+                for b in range(16)
+                if (bins == b).any()
+            )
+            for name, value in (("nll", nll), ("brier", brier), ("ece", float(ece))):
+                key = f"{prefix}/{name}_{task}{suffix}"
+                assert _close(metrics[key], value, 1e-4), key
+                low, high = metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"]
+                assert low <= metrics[key] + 1e-9 and metrics[key] - 1e-9 <= high, key
+
+
 # ------------------------------------------------------------------ tests
 @pytest.mark.slow
 def test_metrics_match_independent_computation(eval_cfg):
@@ -246,6 +270,7 @@ def test_metrics_match_independent_computation(eval_cfg):
     assert returned["test/acc_dr"] == pytest.approx(metrics["test/acc_dr"])
 
     _check_against_hand(metrics, pred, "test")
+    _check_calibration(metrics, pred, "test")
 
     # The checkpoint's validation operating point is the one eval applies and reports.
     stored = torch.load(cfg.ckpt_path, weights_only=True)["visioncare_operating_points"]
@@ -398,3 +423,30 @@ def test_trainer_predict_probabilities_equal_the_plain_loop(eval_cfg, ckpt, tta)
         difference = float((probs[task] - expected_probs[task]).abs().max())
         print(f"tta={tta} {task}: max |trainer.predict - plain loop| = {difference:.3g}")
         assert difference == 0.0
+
+
+@pytest.mark.slow
+def test_stored_temperatures_calibrate_reported_probabilities(eval_cfg, monkeypatch):
+    """With temperatures on the model, predictions.csv's prob columns are the calibrated ones,
+    the raw ones sit beside them, and every calibration measure recomputes from the file."""
+    from visioncare.tasks import evaluate as task
+
+    def with_temperatures(*args, **kwargs):
+        model, config = load_model(*args, **kwargs)
+        model.temperatures = {"dr": 2.0, "dme": 0.5}
+        return model, config
+
+    monkeypatch.setattr(task, "load_model", with_temperatures)
+    cfg = eval_cfg()
+    evaluate(cfg)
+    run = Path(cfg.paths.output_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    pred = _read_predictions(run / "predictions.csv")
+    assert not np.allclose(pred["dr_prob_0"], pred["dr_prob_0_uncalibrated"])
+    assert metrics["test/nll_dr"] != pytest.approx(metrics["test/nll_dr_uncalibrated"])
+    _check_against_hand(metrics, pred, "test")
+    _check_calibration(metrics, pred, "test")
+    assert "nll_dr_uncalibrated" in (run / "report.md").read_text()
+    # 16 test images: below subgroups.min_size (20), so the source group has its count only.
+    assert metrics["test/group/source=synthetic/num"] == 16
+    assert "## Subgroups" in (run / "report.md").read_text()

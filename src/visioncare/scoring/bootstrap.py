@@ -6,9 +6,14 @@ with replacement ``resamples`` times (seeded) and the metric is recomputed on ev
 unit is the patient when records carry patient ids (a patient's two eyes are correlated, so
 resampling eyes would understate the width), otherwise the image.
 
-Every metric here is computed from weighted confusion counts, one row of weights per resample,
-so a thousand resamples are a handful of matrix products. The weights of the identity draw (all
-ones) give the point estimates, which match torchmetrics' (`visioncare.scoring.metrics`).
+This module is the one scoring implementation of reports: `weighted_metrics` computes every
+number of `metrics.json` / `report.md` (accuracy, macro-F1, QWK, per-class recall, joint and
+average accuracy, referable sensitivity/specificity/AUROC, and the calibration measures NLL,
+Brier and ECE) for one row of weights per resample, so a thousand resamples are a handful of
+matrix products. The weights of the identity draw (all ones) give the point estimates
+(`point_metrics`), so a point value and its interval can never come from two definitions.
+torchmetrics (`visioncare.scoring.metrics`) stays for in-training, DDP-synced logging; a test
+pins the two equal on the same predictions.
 
 Per patient, the clinical rule applies: a patient's grade is the worse eye's, for the grader's
 grades and for the model's predicted grades alike; P(referable) is the larger of the eyes'.
@@ -32,6 +37,11 @@ CI_METRICS = (
     *(f"{m}_{t}" for t in TASKS for m in ("acc", "f1", "qwk")),
     *(f"referable_{t}_{m}" for t in REFERABLE_FROM for m in _REFERABLE_METRICS),
 )
+# Calibration measures (per task) of the probabilities; with an interval too.
+CALIBRATION_METRICS = ("nll", "brier", "ece")
+# Bins of the expected calibration error: 15 equal-width confidence bins, L1 (torchmetrics'
+# `MulticlassCalibrationError(n_bins=15, norm="l1")`).
+ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -43,12 +53,15 @@ class Outcomes:
         preds: task → predicted grade (N,).
         scores: task → P(referable) (N,).
         thresholds: task → the operating threshold on P(referable).
+        probs: task → class probabilities (N, classes); None where only grades are known (per
+            patient), and then no calibration measures are computed.
     """
 
     targets: dict[str, np.ndarray]
     preds: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
     thresholds: dict[str, float]
+    probs: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.targets.values())))
@@ -63,6 +76,7 @@ def outcomes_from_probs(
         preds={t: np.asarray(probs[t]).argmax(axis=1) for t in TASKS},
         scores={t: np.asarray(probs[t])[:, REFERABLE_FROM[t] :].sum(axis=1) for t in TASKS},
         thresholds=dict(thresholds),
+        probs={t: np.asarray(probs[t], dtype=np.float64) for t in TASKS},
     )
 
 
@@ -127,10 +141,36 @@ def _task_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
     qwk = np.where(
         expected_cost > 0, 1 - observed_cost / np.where(expected_cost > 0, expected_cost, 1), 0.0
     )
+    recall = _divide(tp, rows)
     return {
+        **{f"per_class_acc_{{task}}_{j}": recall[:, j] for j in range(k)},
         "acc": _divide(tp.sum(axis=1), total),
         "f1": _divide((f1 * present).sum(axis=1), present.sum(axis=1)),
         "qwk": np.where(total > 0, qwk, np.nan),
+    }
+
+
+def _calibration(weights: np.ndarray, prob: np.ndarray, target: np.ndarray) -> dict:
+    """Weighted NLL, Brier score (sum over classes of the squared error, mean over images) and
+    ECE (15 equal-width bins of the top-class confidence, |accuracy - confidence| weighted by
+    the bin's share; a confidence of exactly 1 gets a bin of its own, as torchmetrics)."""
+    total = weights.sum(axis=1)
+    rows = np.arange(len(target))
+    nll = -np.log(np.clip(prob[rows, target], 1e-12, None))
+    onehot = np.zeros_like(prob)
+    onehot[rows, target] = 1.0
+    brier = ((prob - onehot) ** 2).sum(axis=1)
+    confidence = prob.max(axis=1)
+    correct = (prob.argmax(axis=1) == target).astype(float)
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    bins = np.searchsorted(edges, confidence, side="right") - 1
+    member = np.zeros((len(target), ECE_BINS + 1))
+    member[rows, bins] = 1.0
+    gap = (weights @ (member * (correct - confidence)[:, None])).__abs__().sum(axis=1)
+    return {
+        "nll": _divide(weights @ nll, total),
+        "brier": _divide(weights @ brier, total),
+        "ece": _divide(gap, total),
     }
 
 
@@ -153,7 +193,11 @@ def _auroc(weights: np.ndarray, score: np.ndarray, truth: np.ndarray) -> np.ndar
 
 
 def weighted_metrics(outcomes: Outcomes, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Every `CI_METRICS` entry per row of ``weights`` (B, N); NaN where undefined."""
+    """Every report metric per row of ``weights`` (B, N); NaN where undefined.
+
+    The keys are `CI_METRICS`, ``per_class_acc_{task}_{k}`` and, where the outcomes carry
+    probabilities, ``{nll,brier,ece}_{task}``.
+    """
     out: dict[str, np.ndarray] = {}
     accs = []
     for task, k in TASKS.items():
@@ -163,7 +207,11 @@ def weighted_metrics(outcomes: Outcomes, weights: np.ndarray) -> dict[str, np.nd
         for name, value in _task_metrics(
             _confusion(w, target[labelled], pred[labelled], k)
         ).items():
-            out[f"{name}_{task}"] = value
+            out[name.format(task=task) if "{task}" in name else f"{name}_{task}"] = value
+        if outcomes.probs is not None:
+            prob = outcomes.probs[task][labelled]
+            for name, value in _calibration(w, prob, target[labelled]).items():
+                out[f"{name}_{task}"] = value
         accs.append(out[f"acc_{task}"])
         truth = (target[labelled] >= REFERABLE_FROM[task]).astype(float)
         decision = (outcomes.scores[task][labelled] >= outcomes.thresholds[task]).astype(float)
@@ -183,6 +231,22 @@ def weighted_metrics(outcomes: Outcomes, weights: np.ndarray) -> dict[str, np.nd
     return out
 
 
+def interval_names(outcomes: Outcomes) -> list[str]:
+    """The metrics a report gives an interval: `CI_METRICS`, plus calibration with probs."""
+    names = list(CI_METRICS)
+    if outcomes.probs is not None:
+        names += [f"{m}_{t}" for t in TASKS for m in CALIBRATION_METRICS]
+    return names
+
+
+def point_confusion(outcomes: Outcomes, task: str) -> np.ndarray:
+    """The (classes, classes) confusion counts of ``task`` over its graded units."""
+    target, pred = outcomes.targets[task], outcomes.preds[task]
+    labelled = target != IGNORE_INDEX
+    ones = np.ones((1, int(labelled.sum())))
+    return _confusion(ones, target[labelled], pred[labelled], TASKS[task])[0].astype(int)
+
+
 def point_metrics(outcomes: Outcomes) -> dict[str, float | None]:
     """`weighted_metrics` of the evaluated set itself (every unit once); None where undefined."""
     values = weighted_metrics(outcomes, np.ones((1, len(outcomes))))
@@ -195,8 +259,9 @@ def bootstrap_intervals(
     resamples: int,
     seed: int,
     level: float = 0.95,
+    names: Sequence[str] | None = None,
 ) -> dict[str, tuple[float | None, float | None]]:
-    """Percentile-bootstrap interval of every `CI_METRICS` entry, resampling ``units``.
+    """Percentile-bootstrap interval of `weighted_metrics`, resampling ``units``.
 
     Args:
         outcomes: per-image outcomes.
@@ -204,6 +269,7 @@ def bootstrap_intervals(
         resamples: number of bootstrap draws.
         seed: seed of the draws (the same seed gives the same intervals).
         level: coverage of the interval (0.95 → the 2.5th and 97.5th percentiles).
+        names: the metrics that get an interval; default `CI_METRICS`.
 
     A draw where a metric is undefined (e.g. no referable case drawn) is left out of that
     metric's percentiles; a metric undefined in every draw gets (None, None).
@@ -221,6 +287,7 @@ def bootstrap_intervals(
     draws = resample_indices(num_units, resamples, seed)
     counts = np.stack([np.bincount(row, minlength=num_units) for row in draws]).astype(float)
     values = weighted_metrics(outcomes, counts[:, unit_of])
+    values = {name: values[name] for name in (CI_METRICS if names is None else names)}
     tail = 100 * (1 - level) / 2
     intervals: dict[str, tuple[float | None, float | None]] = {}
     for name, samples in values.items():

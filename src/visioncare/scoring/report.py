@@ -5,30 +5,27 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
-from torchmetrics.classification import (
-    BinaryAUROC,
-    BinaryRecall,
-    BinaryROC,
-    BinarySpecificity,
-    MulticlassCalibrationError,
-)
+from torchmetrics.classification import BinaryROC
 
 from visioncare import IGNORE_INDEX, TASKS
 from visioncare.scoring.bootstrap import (
+    CALIBRATION_METRICS,
     CI_METRICS,
     Outcomes,
     bootstrap_intervals,
+    interval_names,
+    outcomes_from_probs,
     patient_outcomes,
+    point_confusion,
     point_metrics,
 )
-from visioncare.scoring.metrics import MultiTaskMetrics
 from visioncare.scoring.plots import plot_confusion_matrix, plot_roc
 from visioncare.scoring.referral import (
     REFERABLE_FROM,
@@ -36,9 +33,6 @@ from visioncare.scoring.referral import (
     referable_truth,
     threshold_for,
 )
-
-ECE_BINS = 15
-
 
 HEADLINE = ("avg_acc", "joint_acc", "acc_dr", "acc_dme", "f1_dr", "f1_dme", "qwk_dr", "qwk_dme")
 
@@ -51,57 +45,60 @@ def compute_metrics(
     split: str = "test",
     thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """All per-image point metrics of the report, flat; None where undefined (module docstring).
+    """All per-image point metrics of the report, flat; None where undefined.
 
-    ``thresholds``: task → operating threshold on P(referable) (default 0.5).
+    Every number comes from `bootstrap.point_metrics`, the function whose resampled values give
+    the intervals. ``thresholds``: task → operating threshold on P(referable) (default 0.5).
     """
-    out: dict[str, Any] = _task_metrics(probs, targets, split)
-    for task, num_classes in TASKS.items():
-        target, prob = targets[task], probs[task]
-        labelled = target != IGNORE_INDEX
-        prefix = f"{split}/referable_{task}"
-        threshold = threshold_for(None, task) if thresholds is None else thresholds[task]
-        out.update(_referable_metrics(prob, target, task, threshold, prefix))
-        ece = None
-        if bool(labelled.any()):
-            calibration = MulticlassCalibrationError(
-                num_classes=num_classes, n_bins=ECE_BINS, norm="l1"
-            )
-            ece = float(calibration(prob[labelled], target[labelled]))
-        out[f"{split}/ece_{task}"] = ece
+    if thresholds is None:
+        thresholds = {t: threshold_for(None, t) for t in TASKS}
+    outcomes = outcomes_from_probs(
+        {t: p.double().numpy() for t, p in probs.items()},
+        {t: v.numpy() for t, v in targets.items()},
+        thresholds,
+    )
+    out = _split_metrics(outcomes, split)
+    for task in TASKS:
+        out[f"{split}/referable_{task}_threshold"] = thresholds[task]
     if len(source_names) > 1:
+        ids = source_ids.numpy()
         for index, name in enumerate(source_names):
-            mask = source_ids == index
-            if bool(mask.any()):
-                out.update(
-                    _task_metrics(
-                        {t: p[mask] for t, p in probs.items()},
-                        {t: v[mask] for t, v in targets.items()},
-                        f"{split}/{name}",
-                    )
-                )
+            mask = ids == index
+            if mask.any():
+                subset = _select(outcomes, mask)
+                out.update(_split_metrics(subset, f"{split}/{name}", grades_only=True))
     return out
 
 
-def _task_metrics(
-    probs: dict[str, Tensor], targets: dict[str, Tensor], prefix: str
-) -> dict[str, Any]:
-    """`MultiTaskMetrics` (the training metrics) plus confusion matrices, NaN → None.
+def _select(outcomes: Outcomes, mask: np.ndarray) -> Outcomes:
+    """The outcomes of the units in ``mask``."""
+    return Outcomes(
+        targets={t: v[mask] for t, v in outcomes.targets.items()},
+        preds={t: v[mask] for t, v in outcomes.preds.items()},
+        scores={t: v[mask] for t, v in outcomes.scores.items()},
+        thresholds=outcomes.thresholds,
+        probs=None if outcomes.probs is None else {t: v[mask] for t, v in outcomes.probs.items()},
+    )
 
-    A grade with no labelled sample gets a per-class accuracy of None: torchmetrics reports 0
-    for 0/0, which would read as "every such image was missed".
+
+def _split_metrics(outcomes: Outcomes, prefix: str, grades_only: bool = False) -> dict[str, Any]:
+    """`point_metrics` under ``prefix`` plus counts and confusion matrices.
+
+    ``grades_only`` keeps the grading metrics (per source: no referable or calibration keys).
+    A grade with no labelled sample gets a per-class accuracy of None (0/0), never 0.
     """
-    metrics = MultiTaskMetrics(prefix)
-    metrics.update(probs, targets)
-    out: dict[str, Any] = {k: _number(v) for k, v in metrics.compute().items()}
-    for task, matrix in metrics.confusion_matrices().items():
-        if matrix.sum() > 0:
-            out[f"{prefix}/confusion_{task}"] = matrix.tolist()
-            for k, support in enumerate(matrix.sum(dim=1).tolist()):
-                if support == 0:
-                    out[f"{prefix}/per_class_acc_{task}_{k}"] = None
-        else:
-            out[f"{prefix}/confusion_{task}"] = None
+    out: dict[str, Any] = {}
+    for name, value in point_metrics(outcomes).items():
+        measure = name.split("_")[0]
+        if grades_only and (measure == "referable" or measure in CALIBRATION_METRICS):
+            continue
+        out[f"{prefix}/{name}"] = value
+    for task in TASKS:
+        count = int((outcomes.targets[task] != IGNORE_INDEX).sum())
+        out[f"{prefix}/num_{task}"] = float(count)
+        out[f"{prefix}/confusion_{task}"] = (
+            point_confusion(outcomes, task).tolist() if count else None
+        )
     return out
 
 
@@ -120,7 +117,9 @@ def uncertainty_metrics(
     known = _shares_patients(patients)
     units = patients if known else None
     out: dict[str, Any] = {}
-    for name, (low, high) in bootstrap_intervals(outcomes, units, resamples, seed, level).items():
+    names = interval_names(outcomes)
+    intervals = bootstrap_intervals(outcomes, units, resamples, seed, level, names)
+    for name, (low, high) in intervals.items():
         out[f"{split}/{name}_ci_low"], out[f"{split}/{name}_ci_high"] = low, high
     if known:
         per_patient, ids = patient_outcomes(outcomes, units)
@@ -134,6 +133,83 @@ def uncertainty_metrics(
     return out
 
 
+def uncalibrated_metrics(
+    raw_probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    patients: list[str],
+    split: str,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """NLL, Brier and ECE of the raw (uncalibrated) probabilities with intervals, keys
+    ``{split}/{measure}_{task}_uncalibrated``: the same function and the same bootstrap draws
+    as the calibrated ones, so the two read side by side."""
+    outcomes = outcomes_from_probs(
+        {t: p.double().numpy() for t, p in raw_probs.items()},
+        {t: v.numpy() for t, v in targets.items()},
+        {t: threshold_for(None, t) for t in TASKS},
+    )
+    names = [f"{m}_{t}" for t in TASKS for m in CALIBRATION_METRICS]
+    units = patients if _shares_patients(patients) else None
+    point = point_metrics(outcomes)
+    out: dict[str, Any] = {}
+    for name, (low, high) in bootstrap_intervals(
+        outcomes, units, resamples, seed, level, names
+    ).items():
+        key = f"{split}/{name}_uncalibrated"
+        out[key], out[f"{key}_ci_low"], out[f"{key}_ci_high"] = point[name], low, high
+    return out
+
+
+# The subgroup table's columns in report.md.
+SUBGROUP_COLUMNS = ("acc_dr", "acc_dme", "qwk_dr", "referable_dr_auroc", "ece_dr")
+
+
+def groupings(records: list) -> dict[str, list[str]]:
+    """Each grouping the records provide (column → each image's value): the source dataset
+    always, laterality where any image has one (unknown eyes form the group ``unknown``)."""
+    out = {"source": [r.source for r in records]}
+    if any(r.laterality for r in records):
+        out["laterality"] = [r.laterality or "unknown" for r in records]
+    return out
+
+
+def subgroup_metrics(
+    outcomes: Outcomes,
+    records: list,
+    split: str,
+    min_size: int,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Point values and intervals per subgroup, keys ``{split}/group/{column}={value}/{name}``.
+
+    A group smaller than ``min_size`` images gets only its ``num`` (metrics on a handful of
+    images would read as findings). Intervals resample the group's own patients.
+    """
+    out: dict[str, Any] = {}
+    patients = [r.group for r in records]
+    for column, values in groupings(records).items():
+        for value in sorted(set(values)):
+            mask = np.array([v == value for v in values])
+            prefix = f"{split}/group/{column}={value}"
+            out[f"{prefix}/num"] = int(mask.sum())
+            if mask.sum() < min_size:
+                continue
+            subset = _select(outcomes, mask)
+            members = [p for p, m in zip(patients, mask, strict=True) if m]
+            units = members if _shares_patients(members) else None
+            names = interval_names(subset)
+            point = point_metrics(subset)
+            intervals = bootstrap_intervals(subset, units, resamples, seed, level, names)
+            for name in names:
+                out[f"{prefix}/{name}"] = point[name]
+                out[f"{prefix}/{name}_ci_low"], out[f"{prefix}/{name}_ci_high"] = intervals[name]
+    return out
+
+
 def _shares_patients(patients: list[str]) -> bool:
     """Whether some images share a patient (otherwise per-patient equals per-image)."""
     return len(set(patients)) < len(patients)
@@ -143,44 +219,28 @@ def _has_patients(records: list) -> bool:
     return _shares_patients([r.group for r in records])
 
 
-def _referable_metrics(
-    prob: Tensor, target: Tensor, task: str, threshold: float, prefix: str
-) -> dict:
-    """Sensitivity/specificity of P(referable) >= threshold; AUROC of P(referable)."""
-    labelled = target != IGNORE_INDEX
-    out: dict[str, Any] = {f"{prefix}_{m}": None for m in ("sensitivity", "specificity", "auroc")}
-    out[f"{prefix}_threshold"] = threshold
-    if not bool(labelled.any()):
-        return out
-    truth = referable_truth(target[labelled], task)
-    score = referable_score(prob[labelled], task)
-    decision = (score >= threshold).long()
-    positives, negatives = int(truth.sum()), int((1 - truth).sum())
-    if positives:
-        out[f"{prefix}_sensitivity"] = float(BinaryRecall()(decision, truth))
-    if negatives:
-        out[f"{prefix}_specificity"] = float(BinarySpecificity()(decision, truth))
-    if positives and negatives:
-        out[f"{prefix}_auroc"] = float(BinaryAUROC()(score, truth))
-    return out
-
-
-def _number(value: Any) -> float | None:
-    number = float(value)
-    return None if math.isnan(number) or math.isinf(number) else number
-
-
 def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
 def write_split_predictions(
-    path: Path, records: list, probs: dict[str, Tensor], targets: dict[str, Tensor]
+    path: Path,
+    records: list,
+    probs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    uncalibrated: dict[str, Tensor] | None = None,
 ) -> None:
     """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
-    every probability (the clinic CSV of predict.py is `serving.predictor.write_predictions`)."""
+    every probability (the clinic CSV of predict.py is `serving.predictor.write_predictions`).
+
+    ``probs`` are the calibrated probabilities (what predict.py writes); ``uncalibrated``, when
+    given, adds the raw ones as ``{task}_prob_{k}_uncalibrated`` so every reported number,
+    calibrated or not, can be recomputed from this file alone.
+    """
     columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
+    if uncalibrated is not None:
+        columns += [f"{t}_prob_{k}_uncalibrated" for t, n in TASKS.items() for k in range(n)]
     preds = {t: p.argmax(dim=1) for t, p in probs.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -190,6 +250,8 @@ def write_split_predictions(
             row += [int(targets["dr"][i]), int(targets["dme"][i])]
             row += [int(preds["dr"][i]), int(preds["dme"][i])]
             row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
+            if uncalibrated is not None:
+                row += [float(v) for t in TASKS for v in uncalibrated[t][i].tolist()]
             writer.writerow(row)
 
 
@@ -248,10 +310,16 @@ def write_report(
         lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/{name}')} |")
     for task, num_classes in TASKS.items():
         lines += ["", f"## {task.upper()}", "", *header]
-        names = ["acc", "f1", "qwk", "ece", "num"]
+        names = ["acc", "f1", "qwk", "num"]
+        names += [f"{m}{s}" for m in CALIBRATION_METRICS for s in ("", "_uncalibrated")]
         names += [f"per_class_acc_{task}_{k}" for k in range(num_classes)]
         for name in names:
-            key = f"{split}/{name}" if name.startswith("per_class") else f"{split}/{name}_{task}"
+            if name.startswith("per_class"):
+                key = f"{split}/{name}"
+            elif name.endswith("_uncalibrated"):
+                key = f"{split}/{name.removesuffix('_uncalibrated')}_{task}_uncalibrated"
+            else:
+                key = f"{split}/{name}_{task}"
             value = metrics.get(key)
             shown = (
                 str(int(value)) if name == "num" and value is not None else _fmt_ci(metrics, key)
@@ -277,8 +345,25 @@ def write_report(
         lines += ["", *header]
         for name in CI_METRICS:
             lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/patient/{name}')} |")
+    group_prefix = f"{split}/group/"
+    groups = sorted(
+        {k.rsplit("/", 1)[0] for k in metrics if k.startswith(group_prefix) and k.endswith("/num")}
+    )
+    if groups:
+        lines += ["", "## Subgroups", "", "| group | n | " + " | ".join(SUBGROUP_COLUMNS) + " |"]
+        lines.append("|---" * (len(SUBGROUP_COLUMNS) + 2) + "|")
+        for group in groups:
+            shown = [_fmt_ci(metrics, f"{group}/{m}") for m in SUBGROUP_COLUMNS]
+            if f"{group}/acc_dr" not in metrics:
+                shown = ["(too few images)"] + [""] * (len(SUBGROUP_COLUMNS) - 1)
+            name = group.split("/group/", 1)[1]
+            lines.append(f"| {name} | {metrics[f'{group}/num']} | " + " | ".join(shown) + " |")
     per_source = sorted(
-        {k.split("/")[1] for k in metrics if k.count("/") == 2 and k.split("/")[1] != "patient"}
+        {
+            k.split("/")[1]
+            for k in metrics
+            if k.count("/") == 2 and k.split("/")[1] not in ("patient", "group")
+        }
     )
     if per_source:
         lines += ["", "## Per source", "", "| source | " + " | ".join(HEADLINE) + " |"]

@@ -19,11 +19,19 @@ Written to the run directory (`paths.output_dir`):
   metrics again per patient as `test/patient/...` (a patient's grade is the worse eye's; see
   `visioncare.scoring.bootstrap`) with `test/patient/num_patients`. A value that is undefined (no
   labels for the task, a single class for AUROC) is null. The prefix is the split's name
-  (`val/...`).
+  (`val/...`). Calibration per task: `test/nll_{t}`, `test/brier_{t}` (squared error summed over
+  grades) and `test/ece_{t}` on the calibrated probabilities (the model's stored
+  `temperatures`; none stored: a warning, and calibrated = raw), and the same with
+  `_uncalibrated` on the raw softmax. Subgroups (source dataset; laterality where known):
+  `test/group/<column>=<value>/num` always, and every metric with an interval when the group
+  has at least `subgroups.min_size` images.
 - Bootstrap 95 % intervals (`bootstrap.resamples` draws, seeded by `bootstrap.seed`, patients
-  resampled where known) of every headline metric as `<key>_ci_low` / `<key>_ci_high`.
-- `predictions.csv`: one row per image (patient id where known, true and predicted grades, all
-  probabilities), so every number above can be re-computed independently.
+  resampled where known) of every headline and calibration metric as `<key>_ci_low` /
+  `<key>_ci_high`. Point values and intervals come from one function
+  (`visioncare.scoring.bootstrap.weighted_metrics`).
+- `predictions.csv`: one row per image (patient id where known, true and predicted grades, the
+  calibrated probabilities `{t}_prob_{k}` and the raw `{t}_prob_{k}_uncalibrated`), so every
+  number above can be re-computed independently.
 - `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
 """
 
@@ -45,6 +53,7 @@ from visioncare.runs.resume import resolve_ckpt_path
 from visioncare.scoring.bootstrap import (
     outcomes_from_probs,
 )
+from visioncare.scoring.calibration import calibrate
 from visioncare.scoring.referral import (
     REFERABLE_FROM,
     threshold_for,
@@ -53,6 +62,8 @@ from visioncare.scoring.report import (
     _has_patients,
     compute_metrics,
     print_table,
+    subgroup_metrics,
+    uncalibrated_metrics,
     uncertainty_metrics,
     write_eval_plots,
     write_metrics_json,
@@ -118,6 +129,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     records = datamodule.splits[split]
     names = datamodule.source_names
+    # Calibrated probabilities are what predict.py reports; the raw ones are kept for the
+    # before/after calibration measures and predictions.csv.
+    temperatures = getattr(model, "temperatures", None)
+    if not temperatures:
+        log.warning(
+            "%s has no stored temperature; calibrated metrics equal the uncalibrated ones",
+            ckpt_path,
+        )
+    raw_probs = probs
+    probs = calibrate(raw_probs, temperatures)
     thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
     if not model.operating_points:
         log.warning(
@@ -142,8 +163,37 @@ def run(cfg: DictConfig) -> dict[str, float]:
             level=level,
         )
     )
+    metrics.update(
+        uncalibrated_metrics(
+            raw_probs,
+            targets,
+            [r.group for r in records],
+            split,
+            resamples=resamples,
+            seed=int(bootstrap.get("seed", 0)),
+            level=level,
+        )
+    )
+    min_size = check_int_at_least(
+        (cfg.get("subgroups") or {}).get("min_size", 20), "subgroups.min_size", minimum=0
+    )
+    metrics.update(
+        subgroup_metrics(
+            outcomes_from_probs(
+                {t: p.numpy() for t, p in probs.items()},
+                {t: v.numpy() for t, v in targets.items()},
+                thresholds,
+            ),
+            records,
+            split,
+            min_size=min_size,
+            resamples=resamples,
+            seed=int(bootstrap.get("seed", 0)),
+            level=level,
+        )
+    )
     write_metrics_json(output_dir / "metrics.json", metrics)
-    write_split_predictions(output_dir / "predictions.csv", records, probs, targets)
+    write_split_predictions(output_dir / "predictions.csv", records, probs, targets, raw_probs)
     plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
     write_report(
         output_dir / "report.md",
