@@ -45,6 +45,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = preprocessing_spec(spec, backbone)
     # The referral thresholds chosen on validation travel with the model they were chosen for.
     info["operating_points"] = model.operating_points
+    # So are the calibration temperatures: the ONNX path applies them to its softmax.
+    info["temperatures"] = model.temperatures
     (out_dir / "preprocessing.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("Exported to %s", out_dir)
     return {"output_dir": str(out_dir), "onnx_max_abs_diff": worst}
