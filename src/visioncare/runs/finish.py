@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from visioncare.runs.splits import FILENAME, write_splits
 from visioncare.runs.summary import print_summary_table, write_plots, write_summary
 from visioncare.scoring.calibration import (
     calibrate,
@@ -188,7 +189,10 @@ def report_run(
         datamodule.sizes(),
         {"backbone": cfg.model.backbone, "weights": model.net.weights_provenance},
         trainer_flags(cfg),
-        extra={"calibration": calibration},
+        extra={
+            "calibration": calibration,
+            "splits": {"file": FILENAME, "sha256": write_splits(output_dir, datamodule.splits)},
+        },
     )
     write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
     loggers = trainer.loggers
