@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from visioncare.runs.reproducibility import reproducibility_record
 from visioncare.runs.splits import FILENAME, write_splits
 from visioncare.runs.summary import print_summary_table, write_plots, write_summary
 from visioncare.scoring.calibration import (
@@ -192,6 +193,7 @@ def report_run(
         extra={
             "calibration": calibration,
             "splits": {"file": FILENAME, "sha256": write_splits(output_dir, datamodule.splits)},
+            "reproducibility": reproducibility_record(),
         },
     )
     write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
