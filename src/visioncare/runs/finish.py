@@ -19,6 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from visioncare.runs.model_card import FILENAME as CARD_FILENAME
+from visioncare.runs.model_card import write_model_card
 from visioncare.runs.reproducibility import reproducibility_record
 from visioncare.runs.splits import FILENAME, write_splits
 from visioncare.runs.summary import print_summary_table, write_plots, write_summary
@@ -176,8 +178,9 @@ def report_run(
     # (Lightning moves the trained model back to the CPU when it is done).
     best_model = None
     calibration = None
+    card_config: dict = {}
     if best_path:
-        best_model = load_model(best_path, str(trainer.strategy.root_device))[0]
+        best_model, card_config = load_model(best_path, str(trainer.strategy.root_device))
         method = check_method(cfg.get("calibration", "temperature"))
         calibration = choose_operating_points(
             best_model, datamodule, best_path, target_sensitivity, method
@@ -195,6 +198,13 @@ def report_run(
             "splits": {"file": FILENAME, "sha256": write_splits(output_dir, datamodule.splits)},
             "reproducibility": reproducibility_record(),
         },
+    )
+    write_model_card(
+        output_dir / CARD_FILENAME,
+        summary,
+        card_config or OmegaConf.to_container(cfg, resolve=False),
+        output_dir,
+        best_model.operating_points if best_model is not None else None,
     )
     write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
     loggers = trainer.loggers
