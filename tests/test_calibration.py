@@ -21,6 +21,7 @@ from visioncare.scoring.calibration import (
 )
 from visioncare.serving.loading import input_spec, load_model
 from visioncare.serving.predictor import predict_paths
+from visioncare.tasks.train import run as train
 
 
 def _overconfident(true_t: float, n: int = 20000, classes: int = 5, seed: int = 0):
@@ -99,3 +100,17 @@ def test_training_stores_temperatures_and_predict_applies_them(tiny_checkpoint, 
     raw, _, _ = predict_paths(model, spec, photos)
     for task, t in temperatures.items():
         torch.testing.assert_close(calibrated[task], apply_temperature(raw[task], t))
+
+
+@pytest.mark.slow
+def test_training_with_calibration_none_stores_no_temperature(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "calibration=none", "trainer.max_epochs=1", "logger=none", "test=false", "gradcam_images=0"
+    )
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    assert CHECKPOINT_KEY not in torch.load(ckpt, weights_only=True)
+    assert load_model(ckpt)[0].temperatures is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["calibration"]["method"] == "none"
+    assert summary["calibration"]["temperatures"] is None
