@@ -95,6 +95,13 @@ def test_preprocessing_json(exported):
     # The validation operating point travels with the exported model (predict's referable_dr).
     stored = torch.load(ckpt, weights_only=True)["visioncare_operating_points"]
     assert info["operating_points"] == stored and "dr" in stored
+    # So do the calibration temperatures (the ONNX path applies them like the checkpoint's).
+    calibration = torch.load(ckpt, weights_only=True)["visioncare_calibration"]
+    assert info["temperatures"] == {"dr": calibration["dr"], "dme": calibration["dme"]}
+    # The model card travels too, generated from the training run's records.
+    card = (out / "model_card.md").read_text()
+    summary = json.loads((ckpt.parents[1] / "summary.json").read_text())
+    assert summary["reproducibility"]["git_commit"] in card and "not a medical device" in card
     assert info["image_size"] == 64 and len(info["mean"]) == 3 and len(info["std"]) == 3
     assert info["preprocess"]["size"] == 72
     # The crop is recorded: which localisation algorithm, and in words what it does.

@@ -23,6 +23,8 @@ from visioncare.data.input_spec import InputSpec, legacy_input_spec
 from visioncare.errors import ConfigurationError, TrainingDivergedError
 from visioncare.models.loss import UncertaintyWeightedLoss
 from visioncare.models.net import UNFREEZE_FRACTIONS, TwoHeadNet
+from visioncare.scoring.calibration import CHECKPOINT_KEY as CALIBRATION_KEY
+from visioncare.scoring.calibration import temperatures_from
 from visioncare.scoring.metrics import MultiTaskMetrics
 from visioncare.scoring.referral import CHECKPOINT_KEY as OPERATING_POINTS_KEY
 from visioncare.utils.loops import epoch_ends_after
@@ -115,6 +117,9 @@ class VisionCareModule(L.LightningModule):
         # Task → referable threshold chosen on validation (`visioncare.scoring.referral`), set
         # after fit.
         self.operating_points: dict[str, dict[str, Any]] | None = None
+        # Per-task temperatures fitted on validation after training (None: not calibrated,
+        # e.g. an older checkpoint or `calibration=none`; probabilities are the raw softmax).
+        self.temperatures: dict[str, float] | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -357,6 +362,8 @@ class VisionCareModule(L.LightningModule):
         checkpoint["visioncare_weights"] = dict(self.net.weights_provenance)
         if self.operating_points:
             checkpoint[OPERATING_POINTS_KEY] = self.operating_points
+        if self.temperatures:
+            checkpoint[CALIBRATION_KEY] = {"method": "temperature", **self.temperatures}
         # Dropout draws from the global generators: without their state a resumed run diverges.
         checkpoint["visioncare_rng"] = capture_rng_state()
 
@@ -367,6 +374,7 @@ class VisionCareModule(L.LightningModule):
             self.input_spec = legacy_input_spec(checkpoint) or self.input_spec
         self.net.weights_provenance = checkpoint.get("visioncare_weights", {"source": "unknown"})
         self.operating_points = checkpoint.get(OPERATING_POINTS_KEY, self.operating_points)
+        self.temperatures = temperatures_from(checkpoint.get(CALIBRATION_KEY)) or self.temperatures
         rng = checkpoint.get("visioncare_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_state(rng)

@@ -1,9 +1,10 @@
 """The end of a training run, after `test`: one call, `report_run`, writes what a run leaves.
 
-In order, on rank 0 only (no other rank waits at a barrier while it works): `summary.json`, the
-plots, the referable operating points chosen on validation with the best weights (stored in
-`best.ckpt`), Grad-CAM overlays, TensorBoard's hparams with the final metrics, the loggers
-flushed and closed, and the printed table.
+In order, on rank 0 only (no other rank waits at a barrier while it works): the per-task
+temperatures and then the referable operating points on the calibrated probabilities, both
+fitted on validation with the best weights (stored in `best.ckpt`), `summary.json` (with the
+`calibration` record), the plots, Grad-CAM overlays, TensorBoard's hparams with the final
+metrics, the loggers flushed and closed, and the printed table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from visioncare.runs.model_card import FILENAME as CARD_FILENAME
+from visioncare.runs.model_card import write_model_card
+from visioncare.runs.reproducibility import reproducibility_record
+from visioncare.runs.splits import FILENAME, write_splits
 from visioncare.runs.summary import print_summary_table, write_plots, write_summary
+from visioncare.scoring.calibration import (
+    calibrate,
+    check_method,
+    checkpoint_entry,
+    fit_calibration,
+    store_calibration,
+    temperatures_from,
+)
 from visioncare.scoring.referral import (
     operating_points,
     store_operating_points,
@@ -74,21 +87,44 @@ def log_gradcam_to_tensorboard(
 
 
 def choose_operating_points(
-    model: Any, datamodule: Any, ckpt_path: str, target_sensitivity: float
-) -> None:
-    """Pick the referable thresholds on the whole validation split; store them in ``ckpt_path``.
+    model: Any,
+    datamodule: Any,
+    ckpt_path: str,
+    target_sensitivity: float,
+    calibration: str = "temperature",
+) -> dict[str, Any] | None:
+    """Calibrate, then pick the referable thresholds, on the whole validation split.
 
-    ``model`` holds the best weights. The whole split is read here (not this rank's share), so
-    the threshold is the same whatever the number of processes.
+    ``model`` holds the best weights. The temperatures are fitted first (NLL, one per task) and
+    the thresholds chosen on the calibrated probabilities, because those are what eval and
+    predict compare with the threshold. Both are stored in ``ckpt_path``. The whole split is
+    read here (not this rank's share), so the result is the same whatever the number of
+    processes. Returns the calibration record for summary.json (None: no validation images).
     """
     dataset = datamodule.datasets.get("val")
     if dataset is None or len(dataset) == 0:
-        log.warning("No validation images: referable decisions will use P(referable) >= 0.5")
-        return
+        log.warning(
+            "No validation images: no calibration, and referable decisions will use "
+            "P(referable) >= 0.5"
+        )
+        return None
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
     # trainer.predict puts the model in eval mode and restores its modes afterwards.
     probs, targets, _ = collect_probabilities(model, loader, model.device)
-    points = operating_points(probs, targets, target_sensitivity)
+    record = fit_calibration(probs, targets, calibration)
+    entry = checkpoint_entry(record)
+    model.temperatures = temperatures_from(entry)
+    store_calibration(ckpt_path, entry)
+    for task in probs:
+        log.info(
+            "Calibration (%s) %s: temperature %s, validation NLL %s -> %s",
+            calibration,
+            task.upper(),
+            "n/a" if model.temperatures is None else f"{model.temperatures[task]:.4f}",
+            _fmt(record["val_nll_before"][task]),
+            _fmt(record["val_nll_after"][task]),
+        )
+    points = operating_points(calibrate(probs, model.temperatures), targets, target_sensitivity)
     model.operating_points = points
     store_operating_points(ckpt_path, points)
     for task, point in points.items():
@@ -101,6 +137,11 @@ def choose_operating_points(
             "n/a" if point["val_specificity"] is None else f"{point['val_specificity']:.3f}",
             target_sensitivity,
         )
+    return record
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def hparams_metrics(best_metrics: dict[str, float], test_metrics: dict[str, float]) -> dict:
@@ -133,6 +174,17 @@ def report_run(
         return {**best_metrics, **test_metrics}
     output_dir = Path(cfg.paths.output_dir)
     best_path = best_cb.best_model_path if best_cb else ""
+    # A fresh model from best.ckpt, never the compiled training one, on the training device
+    # (Lightning moves the trained model back to the CPU when it is done).
+    best_model = None
+    calibration = None
+    card_config: dict = {}
+    if best_path:
+        best_model, card_config = load_model(best_path, str(trainer.strategy.root_device))
+        method = check_method(cfg.get("calibration", "temperature"))
+        calibration = choose_operating_points(
+            best_model, datamodule, best_path, target_sensitivity, method
+        )
     summary = write_summary(
         output_dir / "summary.json",
         best_cb.best_epoch if best_cb else -1,
@@ -141,14 +193,20 @@ def report_run(
         datamodule.sizes(),
         {"backbone": cfg.model.backbone, "weights": model.net.weights_provenance},
         trainer_flags(cfg),
+        extra={
+            "calibration": calibration,
+            "splits": {"file": FILENAME, "sha256": write_splits(output_dir, datamodule.splits)},
+            "reproducibility": reproducibility_record(),
+        },
+    )
+    write_model_card(
+        output_dir / CARD_FILENAME,
+        summary,
+        card_config or OmegaConf.to_container(cfg, resolve=False),
+        output_dir,
+        best_model.operating_points if best_model is not None else None,
     )
     write_plots(output_dir, model.confusion, output_dir / "metrics.csv")
-    # A fresh model from best.ckpt, never the compiled training one, on the training device
-    # (Lightning moves the trained model back to the CPU when it is done).
-    best_model = None
-    if best_path:
-        best_model = load_model(best_path, str(trainer.strategy.root_device))[0]
-        choose_operating_points(best_model, datamodule, best_path, target_sensitivity)
     loggers = trainer.loggers
     if count := cfg.get("gradcam_images", 4):
         explained = best_model if best_model is not None else model

@@ -39,11 +39,13 @@ def write_summary(
     sizes: Mapping[str, int],
     model: Mapping[str, Any] | None = None,
     trainer: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """summary.json: the best validation epoch, the test metrics, the split sizes and the model.
 
     ``model`` names the backbone and the provenance of the weights training started from;
-    ``trainer`` the precision and cudnn.benchmark that ran (not `auto`).
+    ``trainer`` the precision and cudnn.benchmark that ran (not `auto`); ``extra`` further
+    top-level records (e.g. `calibration`: temperatures and validation NLL before/after).
     """
     summary = {
         "best": {"epoch": best_epoch, **{k: _json_number(v) for k, v in best_metrics.items()}},
@@ -51,6 +53,7 @@ def write_summary(
         "data": dict(sizes),
         "model": dict(model or {}),
         "trainer": dict(trainer or {}),
+        **dict(extra or {}),
     }
     path.write_text(json.dumps(summary, indent=2, sort_keys=False))
     return summary

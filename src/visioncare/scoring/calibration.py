@@ -11,12 +11,15 @@ gave ``p`` (log-softmax differs from ``z`` by a per-row constant, which the soft
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from visioncare import IGNORE_INDEX
+from visioncare.errors import ConfigurationError
 
 CHECKPOINT_KEY = "visioncare_calibration"
 # Probabilities are clamped before the log: a softmax in float32 can underflow to exactly 0.
@@ -63,3 +66,78 @@ def fit_temperature(probs: Tensor, target: Tensor, max_iter: int = 200) -> float
 
     optimizer.step(closure)
     return float(log_t.detach().exp())
+
+
+METHODS = ("temperature", "none")
+
+
+def check_method(value: object) -> str:
+    """`calibration` as `temperature` or `none`, checked before training (not after it)."""
+    method = "none" if value is None else str(value)
+    if method not in METHODS:
+        raise ConfigurationError(
+            f"calibration={value!r} is not allowed; use calibration=temperature (fit one "
+            "temperature per task on validation) or calibration=none"
+        )
+    return method
+
+
+def nll(probs: Tensor, target: Tensor) -> float | None:
+    """Mean negative log-likelihood of the labelled rows of ``target`` (None: none labelled)."""
+    labelled = target != IGNORE_INDEX
+    if not bool(labelled.any()):
+        return None
+    log_probs = probs[labelled].double().clamp_min(_FLOOR).log()
+    return float(torch.nn.functional.nll_loss(log_probs, target[labelled].long()))
+
+
+def fit_calibration(
+    probs: Mapping[str, Tensor], targets: Mapping[str, Tensor], method: str
+) -> dict[str, object]:
+    """The calibration record of one run: method, temperature per task, NLL before/after.
+
+    With ``method == "none"`` no temperature is fitted (the record still reports the NLL, so a
+    run without calibration says how calibrated it happens to be).
+    """
+    temperatures: dict[str, float] = {}
+    before: dict[str, float | None] = {}
+    after: dict[str, float | None] = {}
+    for task, p in probs.items():
+        before[task] = nll(p, targets[task])
+        if method == "temperature":
+            temperatures[task] = fit_temperature(p, targets[task])
+        after[task] = nll(apply_temperature(p, temperatures.get(task, 1.0)), targets[task])
+    return {
+        "method": method,
+        "temperatures": temperatures or None,
+        "val_nll_before": before,
+        "val_nll_after": after,
+    }
+
+
+def checkpoint_entry(record: Mapping[str, object]) -> dict[str, object] | None:
+    """What best.ckpt stores under `CHECKPOINT_KEY`: {"method", "dr": T, "dme": T}, or None."""
+    temperatures = record.get("temperatures")
+    if not temperatures:
+        return None
+    return {"method": record["method"], **dict(temperatures)}  # type: ignore[arg-type]
+
+
+def temperatures_from(entry: Mapping[str, object] | None) -> dict[str, float] | None:
+    """The per-task temperatures of a stored `CHECKPOINT_KEY` entry (None: not calibrated)."""
+    if not entry:
+        return None
+    return {k: float(v) for k, v in entry.items() if k != "method"}  # type: ignore[arg-type]
+
+
+def store_calibration(ckpt_path: str | Path, entry: Mapping[str, object] | None) -> None:
+    """Write (or, for None, remove) the calibration entry of a checkpoint file, atomically."""
+    path = Path(ckpt_path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if entry:
+        checkpoint[CHECKPOINT_KEY] = dict(entry)
+    else:
+        checkpoint.pop(CHECKPOINT_KEY, None)
+    partial = path.with_suffix(path.suffix + ".tmp")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)

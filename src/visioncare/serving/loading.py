@@ -101,6 +101,8 @@ class OnnxNet:
         self.session = ort.InferenceSession(str(path), providers=providers)
         # The referable thresholds from preprocessing.json (`visioncare.scoring.referral`), or None.
         self.operating_points: dict[str, Any] | None = None
+        # The per-task calibration temperatures from preprocessing.json, or None (uncalibrated).
+        self.temperatures: dict[str, float] | None = None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [f"{task}_logits" for task in TASKS]
         found = [output.name for output in self.session.get_outputs()]
@@ -166,4 +168,6 @@ def load_onnx(path: str | Path, device: str = "cpu") -> tuple[OnnxNet, InputSpec
         ) from None
     # The referable thresholds chosen on validation (None: not stored).
     net.operating_points = info.get("operating_points")
+    temperatures = info.get("temperatures")
+    net.temperatures = {k: float(v) for k, v in temperatures.items()} if temperatures else None
     return net, spec

@@ -5,6 +5,7 @@ included, with their error)."""
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,12 @@ from visioncare.data.input_spec import InputSpec
 from visioncare.data.preprocess import UnreadableImageError
 from visioncare.data.quality import QualityThresholds
 from visioncare.errors import ConfigurationError
+from visioncare.scoring.calibration import calibrate
 from visioncare.scoring.referral import DEFAULT_THRESHOLD, referable_score
 from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model, load_onnx
 from visioncare.utils.progress import progress_bar
+
+log = logging.getLogger("visioncare")
 
 
 def csv_columns() -> list[str]:
@@ -94,9 +98,9 @@ def predict_paths(
     device: torch.device | str = "cpu",
     thresholds: QualityThresholds | None = None,
 ) -> tuple[dict[str, Tensor], list[str], list[str], list[str]]:
-    """Softmax probabilities per task (rows of failed files are NaN), per-file error texts,
-    quality flags and gradable verdicts (`visioncare.data.quality`: "true"/"false"; empty for
-    failed files).
+    """Calibrated probabilities per task (the model's ``temperatures`` applied to its softmax;
+    rows of failed files are NaN), per-file error texts, quality flags and gradable verdicts
+    (`visioncare.data.quality`: "true"/"false"; empty for failed files).
 
     ``model`` maps a batch of images to logits per task: a `VisionCareModule` already in eval
     mode on ``device``, or an `OnnxNet`. A doubtful photo is still predicted: its flag says so.
@@ -121,7 +125,13 @@ def predict_paths(
                 for task in TASKS:
                     probs[task][indices[ok]] = logits[task].float().softmax(dim=1).cpu()
             progress.advance(bar, len(indices))
-    return probs, errors, qualities, gradable
+    temperatures = getattr(model, "temperatures", None)
+    if temperatures is None:
+        log.warning(
+            "The model stores no calibration temperatures (trained before calibration, or "
+            "calibration=none): probabilities are the uncalibrated softmax"
+        )
+    return calibrate(probs, temperatures), errors, qualities, gradable
 
 
 def write_predictions(

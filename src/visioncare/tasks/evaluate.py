@@ -50,6 +50,7 @@ from visioncare.data.input_spec import InputSpec
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.runs.resume import resolve_ckpt_path
+from visioncare.runs.splits import check_splits
 from visioncare.scoring.bootstrap import (
     outcomes_from_probs,
 )
@@ -105,6 +106,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg, config, spec)
     datamodule.prepare_data()
     datamodule.setup("test")
+    # --- Data drift since training (visioncare.runs.splits): only on the checkpoint's own data.
+    if cfg.get("data") is None:
+        check_splits(Path(ckpt_path).resolve().parents[1], datamodule.splits)
+    # ---
     if split not in datamodule.datasets:
         raise ConfigurationError(
             f"split={split!r}: dataset '{datamodule.source.name}' has the splits "

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from visioncare.runs.model_card import FILENAME as CARD_FILENAME
+from visioncare.runs.model_card import write_model_card
 from visioncare.serving.loading import input_spec, load_model
 from visioncare.serving.onnx_export import (
     CHECK_BATCH_SIZES,
@@ -45,6 +47,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     info = preprocessing_spec(spec, backbone)
     # The referral thresholds chosen on validation travel with the model they were chosen for.
     info["operating_points"] = model.operating_points
+    # So are the calibration temperatures: the ONNX path applies them to its softmax.
+    info["temperatures"] = model.temperatures
     (out_dir / "preprocessing.json").write_text(json.dumps(info, indent=2) + "\n")
+    # The model card beside the model, from the training run's records (summary.json there).
+    run_dir = Path(cfg.ckpt_path).expanduser().resolve().parents[1]
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if not summary:
+        log.warning("%s not found: the model card lacks the run's metrics", summary_path)
+    write_model_card(out_dir / CARD_FILENAME, summary, config, run_dir, model.operating_points)
     log.info("Exported to %s", out_dir)
     return {"output_dir": str(out_dir), "onnx_max_abs_diff": worst}

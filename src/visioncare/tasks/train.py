@@ -25,6 +25,7 @@ from visioncare.runs.trainer import (
     training_callbacks,
     warn_if_random_weights,
 )
+from visioncare.scoring.calibration import check_method as check_calibration
 from visioncare.scoring.referral import check_target_sensitivity
 from visioncare.utils.accelerator import resolve_trainer_flags
 
@@ -37,6 +38,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # auto/null become Lightning's values here, so the stored config records what runs.
     resolve_trainer_flags(cfg)
     target_sensitivity = check_target_sensitivity(cfg.get("target_sensitivity"))
+    check_calibration(cfg.get("calibration", "temperature"))
     L.seed_everything(cfg.seed, workers=True)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     ckpt_path = checkpoint_to_resume(cfg)
