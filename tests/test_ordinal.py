@@ -85,3 +85,39 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     assert len(grads_a) == len(grads_b)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ordinal_head_trains_through_hydra_and_exports_to_onnx(make_cfg, tmp_path):
+    """One epoch via conf/train.yaml with model.dr_head=ordinal; the ONNX graph matches PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONF
+    from visioncare.serving.loading import load_model
+    from visioncare.tasks.export import run as export
+    from visioncare.tasks.train import run as train
+
+    cfg = make_cfg("model.dr_head=ordinal", "trainer.max_epochs=1", "logger=none", "test=false")
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    model, _ = load_model(ckpt)
+    assert model.net.heads["dr"].linear.out_features == 4  # the checkpoint rebuilt the CORN head
+    out = tmp_path / "export"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        export_cfg = compose(
+            config_name="export", overrides=[f"ckpt_path={ckpt}", f"output_dir={out}"]
+        )
+    GlobalHydra.instance().clear()
+    export(export_cfg)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    dr, dme = session.run(["dr_logits", "dme_logits"], {"image": images.numpy()})
+    with torch.no_grad():
+        expected = model(images)
+    assert np.abs(dr - expected["dr"].numpy()).max() < 1e-4
+    assert np.abs(dme - expected["dme"].numpy()).max() < 1e-4
+    assert np.allclose(np.exp(dr).sum(1), 1.0, atol=1e-5)
