@@ -155,7 +155,77 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def step_probe(backbone: str, size: int, batch: int, checkpointing: bool, steps: int) -> dict:
+    """Peak RSS and mean step time of plain training steps (one process, random weights).
+
+    Runs in a fresh child process per setting (see `checkpointing_table`), so ``ru_maxrss`` is
+    this setting's own peak: the allocator never returns memory between settings otherwise.
+    One warm-up step, then ``steps`` timed forward + backward + AdamW steps, fp32.
+    """
+    import resource
+
+    import torch
+
+    from visioncare.models.net import TwoHeadNet
+
+    torch.manual_seed(0)
+    net = TwoHeadNet(backbone, grad_checkpointing=checkpointing).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.zeros(batch, dtype=torch.long)
+    times = []
+    for i in range(steps + 1):
+        began = time.perf_counter()
+        out = net(images)
+        loss = sum(torch.nn.functional.cross_entropy(o, labels) for o in out.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i:
+            times.append(time.perf_counter() - began)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rss_mb": peak, "step_s": sum(times) / len(times)}
+
+
+def checkpointing_table(backbone: str, size: int, batches: list[int], steps: int) -> list[Row]:
+    """Peak RSS and step time with and without `model.grad_checkpointing`, per batch size."""
+    import json
+
+    rows = []
+    for batch in batches:
+        for checkpointing in (False, True):
+            command = [sys.executable, __file__, "--step-probe", backbone, str(size), str(batch)]
+            command += [str(int(checkpointing)), str(steps)]
+            env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            what = f"{backbone} {size} px b{batch}, grad_checkpointing={str(checkpointing).lower()}"
+            if done.returncode:
+                rows.append(Row(what, f"failed: {done.stderr.strip().splitlines()[-1:]}"))
+                continue
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            value = f"{figures['rss_mb']:.0f} MiB peak RSS, {figures['step_s']:.1f} s/step"
+            rows.append(Row(what, value))
+            print(f"{what}: {value}", flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--step-probe"]:  # the child of `checkpointing_table`
+        import json
+
+        backbone, size, batch, checkpointing, steps = argv[1:6]
+        figures = step_probe(backbone, int(size), int(batch), checkpointing == "1", int(steps))
+        print(json.dumps(figures))
+        return 0
+    if argv[:1] == ["--checkpointing"]:  # bench/memory.py --checkpointing [backbone size b...]
+        rest = argv[1:]
+        backbone = rest[0] if rest else "tf_efficientnetv2_s"
+        size = int(rest[1]) if len(rest) > 1 else 384
+        batches = [int(b) for b in rest[2:]] or [2, 4, 8]
+        print(f"VisionCare gradient-checkpointing benchmark — {machine_line()}\n", flush=True)
+        print_table(checkpointing_table(backbone, size, batches, steps=2))
+        return 0
     args = parse_args(argv)
     began = time.perf_counter()
     print(f"VisionCare memory benchmark — {machine_line()}\n", flush=True)

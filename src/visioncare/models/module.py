@@ -63,6 +63,9 @@ class VisionCareModule(L.LightningModule):
             which it silently runs eager.
         nonfinite_check_every: read the accumulated "all losses finite" flag back every this
             many training batches (and at each epoch's last batch) instead of every step.
+        dr_head: ``"softmax"`` or ``"ordinal"`` (CORN; its DR output is (N, 5) class
+            log-probabilities, see `visioncare.models.net.corn_log_probs`).
+        grad_checkpointing: timm's activation checkpointing in the backbone (memory for time).
     """
 
     def __init__(
@@ -80,12 +83,20 @@ class VisionCareModule(L.LightningModule):
         compile: bool = False,
         weights_cache_dir: str | None = None,
         nonfinite_check_every: int = 16,
+        dr_head: str = "softmax",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss"])
         self.net = TwoHeadNet(
-            backbone, pretrained, weights_path, dropout, weights_cache_dir=weights_cache_dir
+            backbone,
+            pretrained,
+            weights_path,
+            dropout,
+            weights_cache_dir=weights_cache_dir,
+            dr_head=dr_head,
+            grad_checkpointing=grad_checkpointing,
         )
         self.loss_fn = loss if loss is not None else UncertaintyWeightedLoss()
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))

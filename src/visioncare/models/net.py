@@ -31,6 +31,45 @@ PretrainedOption = bool | str  # false, true / "hub", or "offline"
 # optimizer group per step between consecutive shares, so the two can never disagree.
 UNFREEZE_FRACTIONS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
 
+DR_HEADS = ("softmax", "ordinal")
+
+
+def corn_log_probs(logits: Tensor) -> Tensor:
+    """CORN class log-probabilities (N, K) from K-1 conditional logits (Shi et al., 2023).
+
+    Logit k models P(y > k | y > k-1). Then P(y > k) = prod_{j<=k} sigmoid(z_j) (rank
+    consistent by construction) and P(y = k) = P(y > k-1) - P(y > k)
+    = P(y > k-1) * sigmoid(-z_k). Everything is in log space (`logsigmoid`, cumulative sums),
+    so it stays finite for any logits.
+
+    Why log-probabilities as the head's output: they sum to one after exp, so
+    ``softmax(log_probs) == exp(log_probs)`` and every consumer that softmaxes "logits"
+    (metrics, calibration, predict, the referable probability, ONNX) gets the CORN class
+    probabilities unchanged. And the cross-entropy of these log-probabilities for label y is
+    exactly the sum of CORN's binary losses of that sample over the tasks it takes part in
+    (tasks k <= y): -log P(y) = -sum_{k<y} log sigmoid(z_k) - log sigmoid(-z_y). So the
+    existing masked cross-entropy *is* the CORN loss (normalised per sample instead of per
+    (sample, task) pair: a per-batch constant), and -1 labels, class weights and
+    `UncertaintyWeightedLoss` work as for the softmax head.
+    """
+    log_gt = torch.nn.functional.logsigmoid(logits.float()).cumsum(dim=1)  # log P(y > k)
+    log_gt_prev = torch.cat([log_gt.new_zeros(log_gt.shape[0], 1), log_gt], dim=1)
+    log_stop = torch.nn.functional.logsigmoid(-logits.float())  # log P(y = k | y > k-1)
+    last = log_gt[:, -1:]  # P(y = K-1) = P(y > K-2)
+    return torch.cat([log_gt_prev[:, :-1] + log_stop, last], dim=1)
+
+
+class OrdinalHead(nn.Module):
+    """Dropout → Linear(features, K-1) → CORN log-probabilities (N, K); see `corn_log_probs`."""
+
+    def __init__(self, features: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(features, num_classes - 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return corn_log_probs(self.linear(self.dropout(features)))
+
 
 def normalise_pretrained(pretrained: PretrainedOption) -> str:
     """`model.pretrained` as one of ``"none"``, ``"hub"``, ``"offline"``."""
@@ -162,6 +201,10 @@ class TwoHeadNet(nn.Module):
         dropout: dropout before each head.
         tasks: task name → number of classes (default DR: 5, DME: 3).
         weights_cache_dir: where packaged weights are converted to (``pretrained="offline"``).
+        dr_head: ``"softmax"`` (K logits) or ``"ordinal"`` (CORN: K-1 conditional logits, output
+            as K class log-probabilities, so the output shape and every consumer stay the same).
+        grad_checkpointing: timm's own `set_grad_checkpointing` on the backbone: recompute
+            activations in backward instead of storing them (less memory, slower steps).
     """
 
     def __init__(
@@ -172,20 +215,29 @@ class TwoHeadNet(nn.Module):
         dropout: float = 0.2,
         tasks: dict[str, int] | None = None,
         weights_cache_dir: str | None = None,
+        dr_head: str = "softmax",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if dr_head not in DR_HEADS:
+            raise ConfigurationError(
+                f"model.dr_head={dr_head!r} is not an option: use one of {list(DR_HEADS)}"
+            )
         self.tasks = dict(tasks or TASKS)
         self.backbone, self.weights_provenance = create_backbone(
             backbone, pretrained, weights_path, weights_cache_dir
         )
         self.data_config = timm.data.resolve_model_data_config(self.backbone)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
         features = self.backbone.num_features
-        self.heads = nn.ModuleDict(
-            {
-                task: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, n))
-                for task, n in self.tasks.items()
-            }
-        )
+        heads: dict[str, nn.Module] = {
+            task: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, n))
+            for task, n in self.tasks.items()
+        }
+        if dr_head == "ordinal" and "dr" in heads:
+            heads["dr"] = OrdinalHead(features, self.tasks["dr"], dropout)
+        self.heads = nn.ModuleDict(heads)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         features = self.backbone(images)  # pooled (N, num_features); classifier removed
