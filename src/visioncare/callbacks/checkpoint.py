@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Checkpoint
 
-from visioncare.runs.resume import RUN_CONFIG_KEY
 from visioncare.scoring.metrics import mean_f1
 
 
@@ -114,23 +113,3 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_checkpoint_atomically(trainer, self.dirpath / self.filename)
-
-
-class RunConfigRecord(Callback):
-    """Store the composed run config (a plain dict) in every checkpoint this run writes.
-
-    eval.py rebuilds the loss and, by default, the dataset from it; it is also the record of
-    what ran. The module's constructor arguments are Lightning's `hyper_parameters`; the input
-    spec is the module's own record (`visioncare.data.input_spec`).
-
-    Args:
-        config: the run's composed config, resolved to plain values.
-    """
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-    def on_save_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        checkpoint[RUN_CONFIG_KEY] = self.config

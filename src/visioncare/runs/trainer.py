@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from visioncare.callbacks.checkpoint import BestAverageAccuracy, RunConfigRecord
+from visioncare.callbacks.checkpoint import BestAverageAccuracy
+from visioncare.callbacks.run_config import RunConfigRecord
 from visioncare.config import instantiate_group
 from visioncare.errors import ConfigurationError
 from visioncare.models.net import normalise_pretrained
