@@ -20,8 +20,18 @@ class _Trainer:
         self.current_epoch = 0
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.is_global_zero = True
-        self.strategy = SimpleNamespace(barrier=lambda name=None: None)
+        self.strategy = SimpleNamespace(
+            barrier=lambda name=None: None,
+            reduce_boolean_decision=lambda decision, all=True: decision,
+            remove_checkpoint=lambda path: None,
+        )
+        self.fast_dev_run = False
+        self.loggers: list = []
         self.saved: list[int] = []
+
+    @property
+    def global_step(self) -> int:
+        return self.current_epoch + 1  # one step per epoch: a new step at every validation
 
     def save_checkpoint(self, path, weights_only: bool = False) -> None:
         path.write_text(str(self.current_epoch))

@@ -28,7 +28,8 @@ def test_every_group_follows_cosine():
             start = base[group["name"]]
             expected = 1e-4 + (start - 1e-4) * (1 + math.cos(math.pi * epoch / 10)) / 2
             assert math.isclose(group["lr"], expected, rel_tol=1e-6), (group["name"], epoch)
-    assert len(optimizer.param_groups) == 5
+    # Five groups (heads, loss, three backbone chunks), each but the loss with a no-decay twin.
+    assert len(optimizer.param_groups) == 9
 
 
 def test_discriminative_lr_decays_per_chunk_below_the_top():

@@ -76,7 +76,7 @@ def test_frozen_batchnorm_running_stats_do_not_change(module):
 
 def test_param_groups_cover_every_parameter_once(module):
     groups = module.parameter_groups()
-    assert [g["name"] for g in groups] == [
+    assert [g["name"] for g in groups if not g["name"].endswith("_no_decay")] == [
         "heads",
         "loss",
         "backbone_top",
@@ -98,3 +98,19 @@ def test_stage_zero_runs_no_backward_through_the_backbone(module):
     assert not features.requires_grad  # no autograd graph is recorded for the frozen backbone
     GradualUnfreezing(unfreeze_step=1).apply(module, 1)
     assert module.net.backbone(torch.randn(2, 3, 64, 64)).requires_grad
+
+
+def test_weight_decay_only_on_weights_with_two_or_more_dims(module):
+    """timm's rule, checked against timm's own helper: biases and norm parameters never decay,
+    and the loss's log-variances never decay either."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = module.parameter_groups()
+    decayed = {id(p) for g in groups if g.get("weight_decay", None) != 0.0 for p in g["params"]}
+    assert all(p.ndim >= 2 for g in groups for p in g["params"] if id(p) in decayed)
+    for p in module.net.parameters():
+        p.requires_grad_(True)  # timm's helper skips frozen parameters; ours groups them all
+    timm_groups = param_groups_weight_decay(module.net, weight_decay=0.01)
+    timm_decayed = {id(p) for g in timm_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == timm_decayed
+    assert not decayed & {id(p) for p in module.loss_fn.parameters()}

@@ -1,7 +1,8 @@
 """Lightning callbacks: gradual unfreezing, checkpoint selection, per-epoch statistics."""
 
-from visioncare.callbacks.checkpoint import BestAverageAccuracy, LastCheckpoint, RunConfigRecord
+from visioncare.callbacks.checkpoint import BestAverageAccuracy, LastCheckpoint
 from visioncare.callbacks.epoch_stats import EpochMetricsCSV, EpochStats
+from visioncare.callbacks.run_config import RunConfigRecord
 from visioncare.callbacks.unfreeze import GradualUnfreezing
 
 __all__ = [

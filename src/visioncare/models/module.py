@@ -3,7 +3,8 @@
 One `model_step` serves train, val and test. Optimizer and scheduler arrive from Hydra as partials.
 All parameter groups exist from the first step — `heads`, `loss` (the learnable log-variances, no
 weight decay) and one group per backbone unfreezing chunk (`backbone_top`, `backbone_mid`,
-`backbone_rest`) — so that gradual unfreezing only flips `requires_grad` and the optimizer and
+`backbone_rest`), each with a `<name>_no_decay` twin for its biases and norm parameters (timm's
+weight-decay rule) — so that gradual unfreezing only flips `requires_grad` and the optimizer and
 scheduler state keep one shape across stages and resumes.
 """
 
@@ -328,9 +329,17 @@ class VisionCareModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Heads, loss and backbone chunks; every trainable parameter in exactly one group."""
+        """Heads, loss and backbone chunks; every trainable parameter in exactly one group.
+
+        Each chunk is split by timm's weight-decay rule: weights with two or more dimensions
+        (convolution kernels, linear matrices) keep the optimizer's weight decay; 1-D and 0-D
+        parameters (biases, norm scales and shifts) go to a ``<name>_no_decay`` twin with
+        ``weight_decay=0``, because shrinking them towards zero only fights normalisation. The
+        loss's log-variances never decay (decay would pull every task weight to 1). All groups
+        exist from the first step, frozen or not, so optimizer state keeps one shape.
+        """
         groups: list[dict[str, Any]] = [
-            {"name": "heads", "params": list(self.net.heads.parameters())},
+            *_split_by_decay("heads", list(self.net.heads.parameters())),
             {"name": "loss", "params": list(self.loss_fn.parameters()), "weight_decay": 0.0},
         ]
         # Discriminative LR: chunk k below the top (0 top, 1 mid, 2 rest) trains at
@@ -346,10 +355,10 @@ class VisionCareModule(L.LightningModule):
         for (name, top_share), scale in zip(BACKBONE_CHUNKS, scales, strict=True):
             chunk = [p for p in self.net.top_blocks(top_share) if id(p) not in seen]
             seen.update(id(p) for p in chunk)
-            group: dict[str, Any] = {"name": name, "params": chunk}
-            if scale != 1.0:
-                group["lr"] = base_lr * scale
-            groups.append(group)
+            for group in _split_by_decay(name, chunk):
+                if scale != 1.0:
+                    group["lr"] = base_lr * scale
+                groups.append(group)
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -389,3 +398,20 @@ class VisionCareModule(L.LightningModule):
         rng = checkpoint.get("visioncare_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
             restore_rng_state(rng)
+
+
+def _split_by_decay(name: str, params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """``[{name: ≥2-D weights}, {name_no_decay: biases and norms, weight_decay=0}]``.
+
+    The rule is timm's ``param_groups_weight_decay`` (``ndim <= 1`` → no decay); it is kept here
+    rather than called because timm's helper builds groups for a whole model, while ours must
+    stay split by head/backbone chunk for the discriminative LR and the unfreezing stages.
+    """
+    return [
+        {"name": name, "params": [p for p in params if p.ndim > 1]},
+        {
+            "name": f"{name}_no_decay",
+            "params": [p for p in params if p.ndim <= 1],
+            "weight_decay": 0.0,
+        },
+    ]

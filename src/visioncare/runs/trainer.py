@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,8 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from visioncare.callbacks.checkpoint import BestAverageAccuracy, RunConfigRecord
+from visioncare.callbacks.checkpoint import BestAverageAccuracy
+from visioncare.callbacks.run_config import RunConfigRecord
 from visioncare.config import instantiate_group
 from visioncare.errors import ConfigurationError
 from visioncare.models.net import normalise_pretrained
@@ -99,7 +101,7 @@ def training_callbacks(
     callbacks.append(RunConfigRecord(OmegaConf.to_container(cfg, resolve=True)))
     best_cb = best_checkpoint_callback(callbacks)
     if ckpt_path and best_cb is not None:
-        best_file = best_cb.dirpath / best_cb.filename
+        best_file = Path(best_cb.dirpath) / f"{best_cb.filename}{best_cb.FILE_EXTENSION}"
         carry_best_checkpoint(ckpt_path, best_file, copy=rank_zero_only.rank == 0)
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
