@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import timm
+import torch
 from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
