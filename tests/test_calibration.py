@@ -80,6 +80,7 @@ def test_entry_round_trip():
     assert temperatures_from(None) is None
 
 
+@pytest.mark.slow
 def test_training_stores_temperatures_and_predict_applies_them(tiny_checkpoint, synthetic_root):
     """best.ckpt carries the fitted temperatures; predict's probabilities are calibrated."""
     stored = torch.load(tiny_checkpoint, weights_only=True)[CHECKPOINT_KEY]
@@ -95,9 +96,9 @@ def test_training_stores_temperatures_and_predict_applies_them(tiny_checkpoint, 
         :4
     ]
     spec = input_spec(model)
-    calibrated, _, _ = predict_paths(model, spec, photos)
+    calibrated = predict_paths(model, spec, photos)[0]
     temperatures, model.temperatures = model.temperatures, None
-    raw, _, _ = predict_paths(model, spec, photos)
+    raw = predict_paths(model, spec, photos)[0]
     for task, t in temperatures.items():
         torch.testing.assert_close(calibrated[task], apply_temperature(raw[task], t))
 

@@ -16,6 +16,7 @@ def _table_values(card: str) -> dict[str, str]:
     return dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", card, flags=re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_training_card_carries_the_runs_numbers(tiny_checkpoint):
     run_dir = tiny_checkpoint.parents[1]
     card = (run_dir / FILENAME).read_text()

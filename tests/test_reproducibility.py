@@ -6,6 +6,8 @@ import json
 import subprocess
 from importlib import metadata
 
+import pytest
+
 from tests.conftest import ROOT
 from visioncare.runs.reproducibility import PACKAGES, reproducibility_record
 
@@ -27,6 +29,7 @@ def test_outside_a_checkout_commit_is_none(tmp_path):
     assert record["git_commit"] is None and record["git_dirty"] is None
 
 
+@pytest.mark.slow
 def test_training_summary_has_the_record(tiny_checkpoint):
     summary = json.loads((tiny_checkpoint.parents[1] / "summary.json").read_text())
     record = summary["reproducibility"]

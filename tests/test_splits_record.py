@@ -37,6 +37,7 @@ def _splits() -> dict[str, list[Record]]:
     }
 
 
+@pytest.mark.slow
 def test_training_run_writes_splits_csv_with_its_hash(tiny_checkpoint):
     run_dir = tiny_checkpoint.parents[1]
     rows = read_splits(run_dir / FILENAME)

@@ -70,13 +70,18 @@ class Outcomes:
 def outcomes_from_probs(
     probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], thresholds: dict[str, float]
 ) -> Outcomes:
-    """Grades (argmax) and P(referable) (summed referable grades) from softmax outputs."""
+    """Grades (argmax) and P(referable) (summed referable grades) from softmax outputs.
+
+    Summed in float64 whatever the input's precision, so every caller (point values, intervals,
+    subsets) ranks the same scores: float32 sums of near-equal probabilities tie or not by chance.
+    """
+    probs = {t: np.asarray(probs[t], dtype=np.float64) for t in TASKS}
     return Outcomes(
         targets={t: np.asarray(targets[t]) for t in TASKS},
-        preds={t: np.asarray(probs[t]).argmax(axis=1) for t in TASKS},
-        scores={t: np.asarray(probs[t])[:, REFERABLE_FROM[t] :].sum(axis=1) for t in TASKS},
+        preds={t: probs[t].argmax(axis=1) for t in TASKS},
+        scores={t: probs[t][:, REFERABLE_FROM[t] :].sum(axis=1) for t in TASKS},
         thresholds=dict(thresholds),
-        probs={t: np.asarray(probs[t], dtype=np.float64) for t in TASKS},
+        probs=probs,
     )
 
 

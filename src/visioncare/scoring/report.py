@@ -166,12 +166,42 @@ def uncalibrated_metrics(
 SUBGROUP_COLUMNS = ("acc_dr", "acc_dme", "qwk_dr", "referable_dr_auroc", "ece_dr")
 
 
-def groupings(records: list) -> dict[str, list[str]]:
+def groupings(records: list, gradable: list[bool] | None = None) -> dict[str, list[str]]:
     """Each grouping the records provide (column → each image's value): the source dataset
-    always, laterality where any image has one (unknown eyes form the group ``unknown``)."""
+    always, laterality where any image has one (unknown eyes form the group ``unknown``), and
+    the gradable verdict where it was measured."""
     out = {"source": [r.source for r in records]}
     if any(r.laterality for r in records):
         out["laterality"] = [r.laterality or "unknown" for r in records]
+    if gradable is not None:
+        out["gradable"] = [str(g).lower() for g in gradable]
+    return out
+
+
+def subset_metrics(
+    outcomes: Outcomes,
+    patients: list[str],
+    mask: np.ndarray,
+    prefix: str,
+    min_size: int,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """``{prefix}/num`` and, from ``min_size`` images on, every metric with its interval, for
+    the images in ``mask``. Intervals resample the subset's own patients."""
+    out: dict[str, Any] = {f"{prefix}/num": int(mask.sum())}
+    if mask.sum() < max(min_size, 1):
+        return out
+    subset = _select(outcomes, mask)
+    members = [p for p, m in zip(patients, mask, strict=True) if m]
+    units = members if _shares_patients(members) else None
+    names = interval_names(subset)
+    point = point_metrics(subset)
+    intervals = bootstrap_intervals(subset, units, resamples, seed, level, names)
+    for name in names:
+        out[f"{prefix}/{name}"] = point[name]
+        out[f"{prefix}/{name}_ci_low"], out[f"{prefix}/{name}_ci_high"] = intervals[name]
     return out
 
 
@@ -183,6 +213,7 @@ def subgroup_metrics(
     resamples: int,
     seed: int,
     level: float = 0.95,
+    gradable: list[bool] | None = None,
 ) -> dict[str, Any]:
     """Point values and intervals per subgroup, keys ``{split}/group/{column}={value}/{name}``.
 
@@ -191,23 +222,33 @@ def subgroup_metrics(
     """
     out: dict[str, Any] = {}
     patients = [r.group for r in records]
-    for column, values in groupings(records).items():
+    for column, values in groupings(records, gradable).items():
         for value in sorted(set(values)):
             mask = np.array([v == value for v in values])
             prefix = f"{split}/group/{column}={value}"
-            out[f"{prefix}/num"] = int(mask.sum())
-            if mask.sum() < min_size:
-                continue
-            subset = _select(outcomes, mask)
-            members = [p for p, m in zip(patients, mask, strict=True) if m]
-            units = members if _shares_patients(members) else None
-            names = interval_names(subset)
-            point = point_metrics(subset)
-            intervals = bootstrap_intervals(subset, units, resamples, seed, level, names)
-            for name in names:
-                out[f"{prefix}/{name}"] = point[name]
-                out[f"{prefix}/{name}_ci_low"], out[f"{prefix}/{name}_ci_high"] = intervals[name]
+            out.update(
+                subset_metrics(outcomes, patients, mask, prefix, min_size, resamples, seed, level)
+            )
     return out
+
+
+def gradable_metrics(
+    outcomes: Outcomes,
+    records: list,
+    gradable: list[bool],
+    split: str,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """The headline report again on the gradable photos alone: ``{split}/gradable/{name}`` with
+    intervals and ``{split}/gradable/num`` (the rule is `visioncare.data.quality.is_gradable`).
+
+    Beside the all-image numbers, not instead of them: a screening programme sees every photo,
+    and the difference tells how much the ungradable ones cost."""
+    patients = [r.group for r in records]
+    mask = np.array(gradable, dtype=bool)
+    return subset_metrics(outcomes, patients, mask, f"{split}/gradable", 1, resamples, seed, level)
 
 
 def _shares_patients(patients: list[str]) -> bool:
@@ -345,6 +386,12 @@ def write_report(
         lines += ["", *header]
         for name in CI_METRICS:
             lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/patient/{name}')} |")
+    gradable = metrics.get(f"{split}/gradable/num")
+    if gradable is not None:
+        lines += ["", f"## Gradable photos only ({gradable} images; data.quality.is_gradable)"]
+        lines += ["", *header]
+        for name in CI_METRICS:
+            lines.append(f"| {name} | {_fmt_ci(metrics, f'{split}/gradable/{name}')} |")
     group_prefix = f"{split}/group/"
     groups = sorted(
         {k.rsplit("/", 1)[0] for k in metrics if k.startswith(group_prefix) and k.endswith("/num")}
@@ -362,7 +409,7 @@ def write_report(
         {
             k.split("/")[1]
             for k in metrics
-            if k.count("/") == 2 and k.split("/")[1] not in ("patient", "group")
+            if k.count("/") == 2 and k.split("/")[1] not in ("patient", "group", "gradable")
         }
     )
     if per_source:

@@ -47,6 +47,8 @@ from torch.utils.data import DataLoader
 from visioncare import TASKS
 from visioncare.data.datamodule import FundusDataModule
 from visioncare.data.input_spec import InputSpec
+from visioncare.data.preprocess import gradable_flags
+from visioncare.data.quality import QualityThresholds
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.runs.resume import resolve_ckpt_path
@@ -62,6 +64,7 @@ from visioncare.scoring.referral import (
 from visioncare.scoring.report import (
     _has_patients,
     compute_metrics,
+    gradable_metrics,
     print_table,
     subgroup_metrics,
     uncalibrated_metrics,
@@ -182,19 +185,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
     min_size = check_int_at_least(
         (cfg.get("subgroups") or {}).get("min_size", 20), "subgroups.min_size", minimum=0
     )
+    # The photos' gradable verdict, as predict.py judges it (the cache keeps pixels only).
+    gradable = gradable_flags(
+        [r.image for r in records],
+        spec.preprocess,
+        QualityThresholds.from_config(cfg.get("quality")),
+        num_workers=max(1, int(cfg.num_workers)),
+    )
+    outcomes = outcomes_from_probs(
+        {t: p.numpy() for t, p in probs.items()},
+        {t: v.numpy() for t, v in targets.items()},
+        thresholds,
+    )
+    seed = int(bootstrap.get("seed", 0))
+    metrics.update(gradable_metrics(outcomes, records, gradable, split, resamples, seed, level))
     metrics.update(
         subgroup_metrics(
-            outcomes_from_probs(
-                {t: p.numpy() for t, p in probs.items()},
-                {t: v.numpy() for t, v in targets.items()},
-                thresholds,
-            ),
+            outcomes,
             records,
             split,
             min_size=min_size,
             resamples=resamples,
-            seed=int(bootstrap.get("seed", 0)),
+            seed=seed,
             level=level,
+            gradable=gradable,
         )
     )
     write_metrics_json(output_dir / "metrics.json", metrics)
