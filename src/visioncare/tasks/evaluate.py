@@ -157,18 +157,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
 
     metrics = compute_metrics(probs, targets, source_ids, names, split, thresholds)
+    outcomes = outcomes_from_probs(
+        {t: p.numpy() for t, p in probs.items()},
+        {t: v.numpy() for t, v in targets.items()},
+        thresholds,
+    )
+    seed = int(bootstrap.get("seed", 0))
     metrics.update(
         uncertainty_metrics(
-            outcomes_from_probs(
-                {t: p.numpy() for t, p in probs.items()},
-                {t: v.numpy() for t, v in targets.items()},
-                thresholds,
-            ),
-            [r.group for r in records],
-            split,
-            resamples=resamples,
-            seed=int(bootstrap.get("seed", 0)),
-            level=level,
+            outcomes, [r.group for r in records], split, resamples=resamples, seed=seed, level=level
         )
     )
     metrics.update(
@@ -178,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             [r.group for r in records],
             split,
             resamples=resamples,
-            seed=int(bootstrap.get("seed", 0)),
+            seed=seed,
             level=level,
         )
     )
@@ -192,12 +189,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         QualityThresholds.from_config(cfg.get("quality")),
         num_workers=max(1, int(cfg.num_workers)),
     )
-    outcomes = outcomes_from_probs(
-        {t: p.numpy() for t, p in probs.items()},
-        {t: v.numpy() for t, v in targets.items()},
-        thresholds,
-    )
-    seed = int(bootstrap.get("seed", 0))
     metrics.update(gradable_metrics(outcomes, records, gradable, split, resamples, seed, level))
     metrics.update(
         subgroup_metrics(
