@@ -166,3 +166,29 @@ def test_subgroups_score_each_group_with_the_report_function():
         assert out[f"{prefix}/{name}"] == pytest.approx(expected[name]), name
         assert out[f"{prefix}/{name}_ci_low"] <= out[f"{prefix}/{name}_ci_high"]
     assert out["test/group/source=idrid/num"] == 50 and "test/group/source=idrid/f1_dr" in out
+
+
+def test_eval_plots_draw_reliability_and_the_operating_point(tmp_path):
+    """Reliability diagrams per task (calibrated beside raw) and ROC curves with the point."""
+    from visioncare.scoring.calibration import apply_temperature
+    from visioncare.scoring.report import compute_metrics, uncertainty_metrics, write_eval_plots
+
+    generator = torch.Generator().manual_seed(0)
+    targets = {"dr": torch.randint(0, 5, (60,), generator=generator)}
+    targets["dme"] = torch.randint(0, 3, (60,), generator=generator)
+    raw = {
+        t: torch.softmax(3 * torch.randn(60, n, generator=generator), dim=1)
+        for t, n in {"dr": 5, "dme": 3}.items()
+    }
+    calibrated = {t: apply_temperature(p, 2.0) for t, p in raw.items()}
+    metrics = compute_metrics(calibrated, targets, torch.zeros(60, dtype=torch.long), ["synth"])
+    outcomes = outcomes_from_probs(
+        {t: p.numpy() for t, p in calibrated.items()},
+        {t: v.numpy() for t, v in targets.items()},
+        {"dr": 0.5, "dme": 0.5},
+    )
+    metrics.update(uncertainty_metrics(outcomes, [str(i) for i in range(60)], "test", 50, 0))
+    written = write_eval_plots(tmp_path, metrics, calibrated, targets, "test", raw)
+    names = {p.name for p in written}
+    assert {"reliability_dr.png", "reliability_dme.png", "roc_referable_dr.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in written)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -24,6 +25,36 @@ CURVES = {
     "accuracy": ["train/acc_dr", "val/acc_dr", "train/acc_dme", "val/acc_dme", "val/avg_acc"],
     "f1": ["train/f1_dr", "val/f1_dr", "train/f1_dme", "val/f1_dme"],
 }
+
+
+def plot_reliability(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: int, title: str, path: str | Path
+) -> Path:
+    """Reliability diagram: mean confidence against accuracy per confidence bin, one line per
+    set of probabilities (e.g. calibrated and uncalibrated); the diagonal is perfect calibration.
+
+    ``curves``: label → (probabilities (N, C), labels (N,)), labelled rows only.
+    """
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for label, (probs, target) in curves.items():
+        confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+        xs, ys = [], []
+        for b in range(bins):
+            members = which == b
+            if members.any():
+                xs.append(confidence[members].mean())
+                ys.append((predicted[members] == target[members]).mean())
+        ax.plot(xs, ys, "o-", label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -89,10 +120,40 @@ def plot_confusion_matrix(
     return _save(fig, path)
 
 
-def plot_roc(fpr: np.ndarray, tpr: np.ndarray, auroc: float, title: str, path: str | Path) -> Path:
-    """ROC curve with its AUROC, axes named as clinicians read them."""
+def plot_roc(
+    fpr: np.ndarray,
+    tpr: np.ndarray,
+    auroc: float,
+    title: str,
+    path: str | Path,
+    operating_point: dict[str, Any] | None = None,
+) -> Path:
+    """ROC curve with its AUROC, axes named as clinicians read them.
+
+    ``operating_point`` (keys ``threshold``, ``sensitivity``, ``specificity`` and optionally
+    ``*_ci_low``/``*_ci_high``) marks the decision the model applies, with its intervals as
+    error bars: the curve says what is possible, the point what the clinic gets.
+    """
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUROC {auroc:.3f}")
+    point = operating_point or {}
+    sens, spec = point.get("sensitivity"), point.get("specificity")
+    if sens is not None and spec is not None:
+        x, y = 1 - spec, sens
+
+        def span(name: str, value: float, flip: bool) -> list[float]:
+            low, high = point.get(f"{name}_ci_low"), point.get(f"{name}_ci_high")
+            if low is None or high is None:
+                return [0.0, 0.0]
+            return [high - value, value - low] if flip else [value - low, high - value]
+
+        ax.errorbar(
+            [x], [y],
+            xerr=np.array(span("specificity", spec, True)).reshape(2, 1),
+            yerr=np.array(span("sensitivity", sens, False)).reshape(2, 1),
+            fmt="o", color="crimson", capsize=3,
+            label=f"P >= {point['threshold']:.3f}: sens {sens:.2f}, spec {spec:.2f}",
+        )  # fmt: skip
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")

@@ -18,6 +18,7 @@ from visioncare import IGNORE_INDEX, TASKS
 from visioncare.scoring.bootstrap import (
     CALIBRATION_METRICS,
     CI_METRICS,
+    ECE_BINS,
     Outcomes,
     bootstrap_intervals,
     interval_names,
@@ -26,7 +27,7 @@ from visioncare.scoring.bootstrap import (
     point_confusion,
     point_metrics,
 )
-from visioncare.scoring.plots import plot_confusion_matrix, plot_roc
+from visioncare.scoring.plots import plot_confusion_matrix, plot_reliability, plot_roc
 from visioncare.scoring.referral import (
     REFERABLE_FROM,
     referable_score,
@@ -302,8 +303,10 @@ def write_eval_plots(
     probs: dict[str, Tensor],
     targets: dict[str, Tensor],
     split: str,
+    uncalibrated: dict[str, Tensor] | None = None,
 ) -> list[Path]:
-    """Confusion matrix per task and the ROC curve of referable DR / DME."""
+    """Confusion matrix and reliability diagram per task (calibrated and, when given, raw
+    probabilities), and the ROC curve of referable DR / DME with its operating point."""
     plots.mkdir(parents=True, exist_ok=True)
     written = []
     for task, num_classes in TASKS.items():
@@ -312,6 +315,16 @@ def write_eval_plots(
             names = [f"{task.upper()} {k}" for k in range(num_classes)]
             target = plots / f"confusion_{task}.png"
             written.append(plot_confusion_matrix(matrix, f"{split} {task.upper()}", target, names))
+        labelled = targets[task] != IGNORE_INDEX
+        if bool(labelled.any()):
+            sets = {"calibrated": probs, **({"uncalibrated": uncalibrated} if uncalibrated else {})}
+            curves = {
+                name: (p[task][labelled].double().numpy(), targets[task][labelled].numpy())
+                for name, p in sets.items()
+            }
+            title = f"Reliability, {task.upper()}, {split}"
+            path = plots / f"reliability_{task}.png"
+            written.append(plot_reliability(curves, ECE_BINS, title, path))
         auroc = metrics.get(f"{split}/referable_{task}_auroc")
         if auroc is None:
             continue
@@ -322,7 +335,13 @@ def write_eval_plots(
         fpr, tpr, _ = BinaryROC()(score, truth)
         title = f"Referable {task.upper()} (grade >= {threshold}), {split}"
         path = plots / f"roc_referable_{task}.png"
-        written.append(plot_roc(fpr.numpy(), tpr.numpy(), auroc, title, path))
+        key = f"{split}/referable_{task}"
+        point = {
+            name.removeprefix(f"{key}_"): metrics.get(name)
+            for name in metrics
+            if name.startswith(f"{key}_") and "/" not in name.removeprefix(f"{key}_")
+        }
+        written.append(plot_roc(fpr.numpy(), tpr.numpy(), auroc, title, path, point))
     return written
 
 

@@ -204,7 +204,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     write_metrics_json(output_dir / "metrics.json", metrics)
     write_split_predictions(output_dir / "predictions.csv", records, probs, targets, raw_probs)
-    plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split)
+    plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split, raw_probs)
     write_report(
         output_dir / "report.md",
         metrics,
