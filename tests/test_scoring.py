@@ -192,3 +192,19 @@ def test_eval_plots_draw_reliability_and_the_operating_point(tmp_path):
     names = {p.name for p in written}
     assert {"reliability_dr.png", "reliability_dme.png", "roc_referable_dr.png"} <= names
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_epoch_curves_tick_whole_epochs(tmp_path, monkeypatch):
+    from visioncare.scoring import plots
+
+    ticks = []
+
+    def keep_ticks(fig, path):
+        fig.canvas.draw()
+        ticks.append([t for t in fig.axes[0].get_xticks() if 0 <= t <= 2])
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep_ticks)
+    rows = [{"epoch": e, "val/avg_acc": 0.5 + e / 10} for e in range(3)]
+    plots.plot_curves(rows, tmp_path)
+    assert ticks and all(float(t).is_integer() for t in ticks[1])

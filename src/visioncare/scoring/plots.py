@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 CURVES = {
     "loss": [
@@ -89,6 +90,7 @@ def plot_curves(rows: Sequence[dict[str, float]], out_dir: str | Path) -> list[P
                 style = "--" if column.startswith("train/") else "-"
                 ax.plot(epochs, values, style, marker="o", markersize=3, label=column)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 0.5 ticks
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.lines:
