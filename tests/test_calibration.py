@@ -115,3 +115,16 @@ def test_training_with_calibration_none_stores_no_temperature(make_cfg, tmp_path
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["calibration"]["method"] == "none"
     assert summary["calibration"]["temperatures"] is None
+
+
+def test_a_model_at_chance_gets_a_capped_temperature():
+    """Confident outputs unrelated to the labels drive T to infinity; it stops at the bound, so
+    float32 probabilities never tie and the predicted grade never changes."""
+    from visioncare.scoring.calibration import TEMPERATURE_RANGE, apply_temperature, fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(4 * torch.randn(400, 5, generator=generator), dim=1)
+    labels = torch.randint(0, 5, (400,), generator=generator)
+    temperature = fit_temperature(probs, labels)
+    assert temperature == TEMPERATURE_RANGE[1]
+    assert torch.equal(apply_temperature(probs, temperature).argmax(1), probs.argmax(1))

@@ -15,6 +15,7 @@ from skimage import data
 from tests.conftest import predict_cfg
 from tests.test_dicom import write_dicom
 from visioncare.errors import ConfigurationError
+from visioncare.scoring.calibration import apply_temperature
 from visioncare.serving.loading import ImagePreprocessor, input_spec, load_model
 from visioncare.serving.predictor import csv_columns
 from visioncare.tasks.predict import run as run_predict
@@ -115,7 +116,9 @@ def test_predictions_match_the_models_forward(tmp_path, trained):
             logits = model(preprocessor(image)[None])
         row = rows[image.name]
         for task, n in (("dr", 5), ("dme", 3)):
-            expected = logits[task].softmax(dim=1)[0]
+            # The forward's softmax with the checkpoint's stored temperature (what predict writes).
+            temperature = (model.temperatures or {}).get(task, 1.0)
+            expected = apply_temperature(logits[task].softmax(dim=1), temperature)[0]
             got = torch.tensor([float(row[f"{task}_prob_{k}"]) for k in range(n)])
             assert torch.allclose(got, expected, atol=1e-5)
             assert int(row[f"{task}_grade"]) == int(expected.argmax())

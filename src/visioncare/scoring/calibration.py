@@ -11,6 +11,7 @@ gave ``p`` (log-softmax differs from ``z`` by a per-row constant, which the soft
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,12 @@ from torch import Tensor
 from visioncare import IGNORE_INDEX
 from visioncare.errors import ConfigurationError
 
+log = logging.getLogger("visioncare")
+
 CHECKPOINT_KEY = "visioncare_calibration"
+# Temperatures seen in practice lie near 1-3 (Guo et al. 2017); beyond this range a fit says more
+# about the model than about its confidence (see `fit_temperature`).
+TEMPERATURE_RANGE = (0.05, 20.0)
 # Probabilities are clamped before the log: a softmax in float32 can underflow to exactly 0.
 _FLOOR = 1e-12
 
@@ -48,7 +54,10 @@ def fit_temperature(probs: Tensor, target: Tensor, max_iter: int = 200) -> float
     """The temperature minimising the negative log-likelihood of ``target`` (labelled rows).
 
     Optimised over log T (so T stays positive) with L-BFGS in float64; 1.0 when nothing is
-    labelled. The objective is convex in 1/T, so the optimum is unique.
+    labelled. The objective is convex in 1/T, so the optimum is unique. Bounded to
+    `TEMPERATURE_RANGE`: a model no better than chance on validation drives T towards infinity,
+    which would flatten every probability until float32 ties change the predicted grade; such a
+    fit is capped and logged (the model, not its calibration, needs work).
     """
     labelled = target != IGNORE_INDEX
     if not bool(labelled.any()):
@@ -65,7 +74,15 @@ def fit_temperature(probs: Tensor, target: Tensor, max_iter: int = 200) -> float
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    fitted = float(log_t.detach().exp())
+    low, high = TEMPERATURE_RANGE
+    if not low <= fitted <= high:
+        log.warning(
+            "Fitted temperature %.3g is outside [%g, %g]: the validation split says this model "
+            "is close to guessing (or certain); using %g",
+            fitted, low, high, min(max(fitted, low), high),
+        )  # fmt: skip
+    return min(max(fitted, low), high)
 
 
 METHODS = ("temperature", "none")
