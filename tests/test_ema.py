@@ -61,7 +61,9 @@ def test_ema_sigkill_then_resume_matches_an_unbroken_run(tmp_path, synthetic_roo
     metrics = None
     while time.monotonic() < deadline and process.poll() is None:
         found = list(killed.glob("train/runs/*/metrics.csv"))
-        if found and len(found[0].read_text().splitlines()) >= 2:  # header + epoch 0
+        epoch_done = found and len(found[0].read_text().splitlines()) >= 2  # header + epoch 0
+        # metrics.csv's row comes before last.ckpt's (atomic) write: wait for both.
+        if epoch_done and (found[0].parent / "checkpoints" / "last.ckpt").is_file():
             metrics = found[0]
             break
         time.sleep(0.05)
