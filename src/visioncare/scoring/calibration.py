@@ -12,7 +12,6 @@ gave ``p`` (log-softmax differs from ``z`` by a per-row constant, which the soft
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from visioncare import IGNORE_INDEX
 from visioncare.errors import ConfigurationError
+from visioncare.utils.checkpoint_file import update_checkpoint
 
 log = logging.getLogger("visioncare")
 
@@ -149,12 +149,4 @@ def temperatures_from(entry: Mapping[str, object] | None) -> dict[str, float] | 
 
 def store_calibration(ckpt_path: str | Path, entry: Mapping[str, object] | None) -> None:
     """Write (or, for None, remove) the calibration entry of a checkpoint file, atomically."""
-    path = Path(ckpt_path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if entry:
-        checkpoint[CHECKPOINT_KEY] = dict(entry)
-    else:
-        checkpoint.pop(CHECKPOINT_KEY, None)
-    partial = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    update_checkpoint(ckpt_path, {CHECKPOINT_KEY: dict(entry) if entry else None})

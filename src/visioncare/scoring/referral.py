@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from visioncare import IGNORE_INDEX
 from visioncare.errors import ConfigurationError
+from visioncare.utils.checkpoint_file import update_checkpoint
 
 log = logging.getLogger("visioncare")
 
@@ -95,12 +94,7 @@ def threshold_for(points: dict[str, Any] | None, task: str) -> float:
 
 def store_operating_points(ckpt_path: str | Path, points: dict[str, dict[str, Any]]) -> None:
     """Add the operating points to an existing checkpoint file (atomically replaced)."""
-    path = Path(ckpt_path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint[CHECKPOINT_KEY] = points
-    partial = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    update_checkpoint(ckpt_path, {CHECKPOINT_KEY: points})
 
 
 def check_target_sensitivity(value: Any) -> float:

@@ -54,7 +54,7 @@ def compute_metrics(
     if thresholds is None:
         thresholds = {t: threshold_for(None, t) for t in TASKS}
     outcomes = outcomes_from_probs(
-        {t: p.double().numpy() for t, p in probs.items()},
+        {t: p.numpy() for t, p in probs.items()},
         {t: v.numpy() for t, v in targets.items()},
         thresholds,
     )
@@ -147,7 +147,7 @@ def uncalibrated_metrics(
     ``{split}/{measure}_{task}_uncalibrated``: the same function and the same bootstrap draws
     as the calibrated ones, so the two read side by side."""
     outcomes = outcomes_from_probs(
-        {t: p.double().numpy() for t, p in raw_probs.items()},
+        {t: p.numpy() for t, p in raw_probs.items()},
         {t: v.numpy() for t, v in targets.items()},
         {t: threshold_for(None, t) for t in TASKS},
     )
