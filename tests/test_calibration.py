@@ -128,3 +128,63 @@ def test_a_model_at_chance_gets_a_capped_temperature():
     temperature = fit_temperature(probs, labels)
     assert temperature == TEMPERATURE_RANGE[1]
     assert torch.equal(apply_temperature(probs, temperature).argmax(1), probs.argmax(1))
+
+
+@pytest.mark.slow
+def test_stored_threshold_is_chosen_on_calibrated_validation_probabilities(
+    tiny_checkpoint, cache_dir, tmp_path
+):
+    """The operating point in best.ckpt is the one the calibrated validation scores give, which
+    is what eval and predict compare with it (raw scores would give another threshold)."""
+    import csv
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from tests.conftest import CONF
+    from visioncare.scoring.referral import operating_points
+    from visioncare.tasks.evaluate import run as evaluate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                f"ckpt_path={tiny_checkpoint}", "split=val", f"paths.cache_dir={cache_dir}",
+                f"paths.log_dir={tmp_path / 'logs'}", "num_workers=0", "bootstrap.resamples=10",
+            ],
+        )  # fmt: skip
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    evaluate(cfg)
+    # eval's plots reach TensorBoard too (an event file in its run directory).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"val/reliability_dr", "val/reliability_dme", "val/confusion_dr"} <= set(
+        events.Tags()["images"]
+    )
+    with open(tmp_path / "run" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def probs(task: str, classes: int, suffix: str) -> torch.Tensor:
+        columns = [f"{task}_prob_{k}{suffix}" for k in range(classes)]
+        return torch.tensor([[float(r[c]) for c in columns] for r in rows], dtype=torch.float64)
+
+    targets = {t: torch.tensor([int(float(r[f"{t}_true"])) for r in rows]) for t in ("dr", "dme")}
+    calibrated = {"dr": probs("dr", 5, ""), "dme": probs("dme", 3, "")}
+    raw = {"dr": probs("dr", 5, "_uncalibrated"), "dme": probs("dme", 3, "_uncalibrated")}
+    stored = torch.load(tiny_checkpoint, weights_only=True)["visioncare_operating_points"]
+    target = next(iter(stored.values()))["target_sensitivity"]
+    from_calibrated = operating_points(calibrated, targets, target)
+    from_raw = operating_points(raw, targets, target)
+    assert stored and set(stored) == set(from_calibrated)
+    for task, point in stored.items():
+        # predictions.csv rounds to its printed precision.
+        assert point["threshold"] == pytest.approx(from_calibrated[task]["threshold"], abs=1e-4)
+        assert point["val_sensitivity"] == pytest.approx(from_calibrated[task]["val_sensitivity"])
+    # The check has teeth: the temperature moved the scores, so the raw threshold is another.
+    assert any(abs(stored[t]["threshold"] - from_raw[t]["threshold"]) > 1e-3 for t in stored)

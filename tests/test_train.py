@@ -48,6 +48,10 @@ def assert_tensorboard_complete(run: Path, gradcam_images: int) -> None:
     tags = events.Tags()
     gradcam = [t for t in tags["images"] if t.startswith("gradcam/")]
     assert len(gradcam) == 2 * gradcam_images, gradcam  # one overlay per task
+    # The validation reliability diagrams (calibrated beside raw), one per task.
+    reliability = {t for t in tags["images"] if t.startswith("calibration/")}
+    assert reliability == {"calibration/reliability_dr", "calibration/reliability_dme"}
+    assert (run / "plots" / "reliability_dr.png").is_file()
     hparams = events.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
     declared = set()

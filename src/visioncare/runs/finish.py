@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -36,10 +35,12 @@ from visioncare.scoring.referral import (
     operating_points,
     store_operating_points,
 )
+from visioncare.scoring.report import reliability_diagrams
 from visioncare.serving.explain import gradcam_examples
 from visioncare.serving.loading import load_model
 from visioncare.serving.probabilities import collect_probabilities
 from visioncare.utils.accelerator import trainer_flags
+from visioncare.utils.tensorboard import log_png_images
 
 log = logging.getLogger("visioncare")
 
@@ -81,9 +82,7 @@ def log_gradcam_to_tensorboard(
     written = gradcam_examples(model, spec, paths, output_dir / "plots" / "gradcam")
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            for path in written:
-                image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-                logger.experiment.add_image(f"gradcam/{path.stem}", image, dataformats="HWC")
+            log_png_images(logger.experiment, written, "gradcam")
 
 
 def choose_operating_points(
@@ -92,14 +91,17 @@ def choose_operating_points(
     ckpt_path: str,
     target_sensitivity: float,
     calibration: str = "temperature",
-) -> dict[str, Any] | None:
+    plots_dir: Path | None = None,
+) -> tuple[dict[str, Any] | None, list[Path]]:
     """Calibrate, then pick the referable thresholds, on the whole validation split.
 
     ``model`` holds the best weights. The temperatures are fitted first (NLL, one per task) and
     the thresholds chosen on the calibrated probabilities, because those are what eval and
     predict compare with the threshold. Both are stored in ``ckpt_path``. The whole split is
     read here (not this rank's share), so the result is the same whatever the number of
-    processes. Returns the calibration record for summary.json (None: no validation images).
+    processes. With ``plots_dir``, draws the validation reliability diagrams (calibrated beside
+    raw) there. Returns the calibration record for summary.json (None: no validation images)
+    and the diagrams written.
     """
     dataset = datamodule.datasets.get("val")
     if dataset is None or len(dataset) == 0:
@@ -107,7 +109,7 @@ def choose_operating_points(
             "No validation images: no calibration, and referable decisions will use "
             "P(referable) >= 0.5"
         )
-        return None
+        return None, []
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
     # trainer.predict puts the model in eval mode and restores its modes afterwards.
     probs, targets, _ = collect_probabilities(model, loader, model.device)
@@ -124,7 +126,8 @@ def choose_operating_points(
             _fmt(record["val_nll_before"][task]),
             _fmt(record["val_nll_after"][task]),
         )
-    points = operating_points(calibrate(probs, model.temperatures), targets, target_sensitivity)
+    calibrated = calibrate(probs, model.temperatures)
+    points = operating_points(calibrated, targets, target_sensitivity)
     model.operating_points = points
     store_operating_points(ckpt_path, points)
     for task, point in points.items():
@@ -137,7 +140,10 @@ def choose_operating_points(
             "n/a" if point["val_specificity"] is None else f"{point['val_specificity']:.3f}",
             target_sensitivity,
         )
-    return record
+    diagrams = []
+    if plots_dir is not None:
+        diagrams = reliability_diagrams(plots_dir, calibrated, probs, targets, "val")
+    return record, diagrams
 
 
 def _fmt(value: float | None) -> str:
@@ -178,12 +184,13 @@ def report_run(
     # (Lightning moves the trained model back to the CPU when it is done).
     best_model = None
     calibration = None
+    diagrams: list[Path] = []
     card_config: dict = {}
     if best_path:
         best_model, card_config = load_model(best_path, str(trainer.strategy.root_device))
         method = check_method(cfg.get("calibration", "temperature"))
-        calibration = choose_operating_points(
-            best_model, datamodule, best_path, target_sensitivity, method
+        calibration, diagrams = choose_operating_points(
+            best_model, datamodule, best_path, target_sensitivity, method, output_dir / "plots"
         )
     summary = write_summary(
         output_dir / "summary.json",
@@ -213,6 +220,7 @@ def report_run(
         log_gradcam_to_tensorboard(explained, datamodule, loggers, output_dir, count)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
+            log_png_images(logger.experiment, diagrams, "calibration")
             logger.log_hyperparams(
                 hparams(cfg), metrics=hparams_metrics(best_metrics, test_metrics)
             )

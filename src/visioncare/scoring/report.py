@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,31 @@ def write_split_predictions(
             writer.writerow(row)
 
 
+def reliability_diagrams(
+    plots: Path,
+    probs: dict[str, Tensor],
+    uncalibrated: dict[str, Tensor] | None,
+    targets: dict[str, Tensor],
+    split: str,
+    tasks: Sequence[str] = tuple(TASKS),
+) -> list[Path]:
+    """`reliability_{task}.png` per task with labels: the calibrated probabilities beside the
+    raw ones (when given), on the split's labelled rows."""
+    written = []
+    for task in tasks:
+        labelled = targets[task] != IGNORE_INDEX
+        if not bool(labelled.any()):
+            continue
+        sets = {"calibrated": probs, **({"uncalibrated": uncalibrated} if uncalibrated else {})}
+        curves = {
+            name: (p[task][labelled].double().numpy(), targets[task][labelled].numpy())
+            for name, p in sets.items()
+        }
+        title = f"Reliability, {task.upper()}, {split}"
+        written.append(plot_reliability(curves, ECE_BINS, title, plots / f"reliability_{task}.png"))
+    return written
+
+
 def write_eval_plots(
     plots: Path,
     metrics: dict[str, Any],
@@ -315,16 +341,7 @@ def write_eval_plots(
             names = [f"{task.upper()} {k}" for k in range(num_classes)]
             target = plots / f"confusion_{task}.png"
             written.append(plot_confusion_matrix(matrix, f"{split} {task.upper()}", target, names))
-        labelled = targets[task] != IGNORE_INDEX
-        if bool(labelled.any()):
-            sets = {"calibrated": probs, **({"uncalibrated": uncalibrated} if uncalibrated else {})}
-            curves = {
-                name: (p[task][labelled].double().numpy(), targets[task][labelled].numpy())
-                for name, p in sets.items()
-            }
-            title = f"Reliability, {task.upper()}, {split}"
-            path = plots / f"reliability_{task}.png"
-            written.append(plot_reliability(curves, ECE_BINS, title, path))
+        written += reliability_diagrams(plots, probs, uncalibrated, targets, split, [task])
         auroc = metrics.get(f"{split}/referable_{task}_auroc")
         if auroc is None:
             continue

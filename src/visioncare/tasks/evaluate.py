@@ -32,7 +32,9 @@ Written to the run directory (`paths.output_dir`):
 - `predictions.csv`: one row per image (patient id where known, true and predicted grades, the
   calibrated probabilities `{t}_prob_{k}` and the raw `{t}_prob_{k}_uncalibrated`), so every
   number above can be re-computed independently.
-- `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
+- `report.md`, `plots/confusion_{t}.png`, `plots/reliability_{t}.png`,
+  `plots/roc_referable_{t}.png` (also as images in a TensorBoard event file in the run directory,
+  so `make tensorboard` shows them), and a printed table.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from visioncare.scoring.report import (
 from visioncare.serving.devices import resolve_device, trainer_device
 from visioncare.serving.loading import input_spec, load_model
 from visioncare.serving.probabilities import collect_probabilities
+from visioncare.utils.tensorboard import write_png_images
 
 log = logging.getLogger("visioncare")
 
@@ -205,6 +208,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     write_metrics_json(output_dir / "metrics.json", metrics)
     write_split_predictions(output_dir / "predictions.csv", records, probs, targets, raw_probs)
     plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split, raw_probs)
+    write_png_images(output_dir, plots, split)  # TensorBoard's IMAGES tab
     write_report(
         output_dir / "report.md",
         metrics,
