@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 from visioncare.errors import ConfigurationError, VisionCareError
+from visioncare.utils.formatting import fmt_interval, fmt_number
 
 log = logging.getLogger("visioncare")
 
@@ -236,10 +237,6 @@ def write_csv(path: Path, jobs: Sequence[Job]) -> None:
             writer.writerow(row)
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "—" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def write_markdown(
     path: Path,
     jobs: Sequence[Job],
@@ -270,12 +267,10 @@ def write_markdown(
                 delta, _, d_low, d_high = mean_interval(
                     paired_differences(jobs, arm, baseline, column), level
                 )
-                delta_text = "—" if math.isnan(delta) else f"{delta:+.{digits}f}"
-                delta_ci = (
-                    "—" if math.isnan(d_low) else f"[{d_low:+.{digits}f}, {d_high:+.{digits}f}]"
-                )
-            spread = f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
-            interval = "—" if math.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+                delta_text = fmt_number(delta, digits, signed=True)
+                delta_ci = fmt_interval(d_low, d_high, digits, signed=True)
+            spread = f"{fmt_number(mean, digits)} ± {fmt_number(std, digits)}"
+            interval = fmt_interval(low, high, digits)
             lines.append(
                 f"| {arm} | {len(values)} | {spread} | {interval} | {delta_text} | {delta_ci} |"
             )
