@@ -30,15 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
+from visioncare.composition import compose_config, composition_error_message
 from visioncare.errors import ConfigurationError, VisionCareError
 from visioncare.utils.formatting import fmt_interval, fmt_number
 
 log = logging.getLogger("visioncare")
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"  # src/train.py
+CONF_DIR = TRAIN_SCRIPT.parents[1] / "conf"  # what train.py composes from
 # Column in ablation.csv -> (where in summary.json, label in ablation.md).
 METRICS = {
     "val_avg_acc": (("best", "val/avg_acc"), "val avg_acc"),
@@ -95,20 +98,47 @@ def plan_jobs(cfg: DictConfig, output_dir: Path) -> list[Job]:
     seeds = [int(s) for s in cfg.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigurationError(f"seeds must be distinct integers, got {list(cfg.seeds)}")
-    common = [str(o) for o in [*(cfg.get("common") or []), *(cfg.get("extra") or [])]]
-    shared = [
-        f"paths.data_dir={cfg.paths.data_dir}",
-        f"paths.cache_dir={cfg.paths.cache_dir}",
-        f"paths.log_dir={cfg.paths.log_dir}",
-    ]
+    shared = _shared_overrides(cfg)
     jobs = []
     for seed in seeds:
         for arm, overrides in arms.items():
             run_dir = output_dir / "runs" / arm / f"seed_{seed}"
             extra = [str(o) for o in overrides or []]
-            job_overrides = [*shared, *common, *extra, f"seed={seed}", f"hydra.run.dir={run_dir}"]
+            job_overrides = [*shared, *extra, f"seed={seed}", f"hydra.run.dir={run_dir}"]
             jobs.append(Job(arm, seed, job_overrides, run_dir))
     return jobs
+
+
+def check_arms(cfg: DictConfig, jobs: Sequence[Job]) -> None:
+    """Compose every arm's train config as `train.py` will, before any job runs.
+
+    A bad override (a typo in a key, a group option that does not exist) would otherwise be
+    found only when the first job of its arm starts, possibly hours in. The shared overrides
+    are composed alone first, so a mistake there is not blamed on the first arm.
+    """
+    firsts: dict[str, Job] = {}
+    for job in jobs:
+        firsts.setdefault(job.arm, job)
+    checks = [("the shared overrides", "common or extra", _shared_overrides(cfg))]
+    checks += [(f"arm {arm!r}", f"arms.{arm}", job.overrides) for arm, job in firsts.items()]
+    for what, where, overrides in checks:
+        try:
+            compose_config(CONF_DIR, "train", [o for o in overrides if not o.startswith("hydra.")])
+        except (ConfigCompositionException, OverrideParseException) as error:
+            raise ConfigurationError(
+                f"ablation: train.py cannot compose {what}: "
+                f"{composition_error_message(error, 'train.py')} (fix {where}, then rerun)"
+            ) from error
+
+
+def _shared_overrides(cfg: DictConfig) -> list[str]:
+    """What every job gets: this ablation's paths, then `common`, then `extra`."""
+    return [
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.cache_dir={cfg.paths.cache_dir}",
+        f"paths.log_dir={cfg.paths.log_dir}",
+        *(str(o) for o in [*(cfg.get("common") or []), *(cfg.get("extra") or [])]),
+    ]
 
 
 def run_job(job: Job, timeout_s: float | None = None) -> Job:
@@ -335,6 +365,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(cfg, output_dir)
+    check_arms(cfg, jobs)
     arms = list(dict.fromkeys(job.arm for job in jobs))
     timeout = cfg.get("job_timeout_s")
     level = float(cfg.get("level", 0.95))
