@@ -28,7 +28,7 @@ def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str])
     running = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
