@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.composition import compose_config
+from visioncare.errors import ConfigurationError
+from visioncare.tasks import ablate
 from visioncare.tasks.ablate import Job, mean_interval, paired_differences
 
 
@@ -38,6 +41,49 @@ def test_paired_differences_use_seeds_both_arms_finished():
     assert paired_differences(jobs, "fp32", "recipe", "test_avg_acc") == pytest.approx(
         [0.02, -0.04]
     )
+
+
+def _ablate_cfg(tmp_path: Path, *overrides: str):
+    overrides = (f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path}", *overrides)
+    cfg = compose_config(CONF, "ablate", overrides)
+    cfg.paths.output_dir = str(tmp_path / "ablation")
+    return cfg
+
+
+def test_default_arms_compose_with_train(tmp_path):
+    cfg = _ablate_cfg(tmp_path)
+    jobs = ablate.plan_jobs(cfg, tmp_path)
+    assert {job.arm for job in jobs} == set(cfg.arms)
+    ablate.check_arms(cfg, jobs)  # raises if one does not
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (
+            ['+arms.typo=["model.dr_haed=ordinal"]', "only=[recipe,typo]"],
+            ["arm 'typo'", "model.dr_haed is not a config key", "arms.typo"],
+        ),
+        (
+            ['+arms.typo=["loss=nope"]', "only=[recipe,typo]"],
+            ["arm 'typo'", "Could not find 'loss/nope'", "fixed", "arms.typo"],
+        ),
+        (
+            ['extra=["trainer.max_epoch=1"]'],
+            ["shared overrides", "trainer.max_epoch", "common or extra"],
+        ),
+        (["only=[recipe,nope]"], ["only=", "'nope'"]),
+        (["only=[fp32]"], ["baseline='recipe'", "only"]),
+    ],
+)  # fmt: skip
+def test_bad_arms_stop_the_ablation_before_any_job(tmp_path, monkeypatch, overrides, fragments):
+    started = []
+    monkeypatch.setattr(ablate, "run_job", lambda job, timeout_s=None: started.append(job))
+    with pytest.raises(ConfigurationError) as raised:
+        ablate.run(_ablate_cfg(tmp_path, *overrides, "seeds=[0,1]"))
+    message = str(raised.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert not started
 
 
 @pytest.mark.slow

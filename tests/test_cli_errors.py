@@ -10,11 +10,16 @@ import subprocess
 import sys
 
 import pytest
-from hydra.errors import InstantiationException
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
-from visioncare.cli import run_task, user_error_message
+from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from visioncare.cli import HYDRA_FULL_KEY, run_task, user_error_message
+from visioncare.composition import compose_config, composition_error_message
 from visioncare.errors import ConfigurationError
 
 
@@ -128,3 +133,66 @@ def test_run_task_exits_2_with_the_message(capsys):
         run_task(mistake, None)
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "ERROR: model.backbone='x' is not a timm model"
+
+
+# The library texts cli.py still reads, each triggered by the library itself (no subprocess):
+# an upgrade that changes one fails here instead of printing a traceback to the user.
+
+
+def _instantiate_error(node: dict) -> InstantiationException:
+    with pytest.raises(InstantiationException) as raised:
+        instantiate(OmegaConf.create(node)[next(iter(node))])
+    return raised.value
+
+
+def test_lightning_trainer_flag_message_names_the_config_key():
+    error = _instantiate_error({"trainer": {"_target_": "lightning.Trainer", "max_epochs": -3}})
+    assert HYDRA_FULL_KEY.search(str(error)).group(1) == "trainer"
+    message = user_error_message(error)
+    assert message.startswith("trainer: ") and "`trainer.max_epochs`" in message, message
+    assert "-3" in message
+
+
+def test_unknown_keyword_of_an_instantiated_target_names_the_key():
+    node = {"model": {"_target_": "textwrap.dedent", "text": "x", "colour": 1}}
+    cfg = OmegaConf.create(node)
+    message = user_error_message(_instantiate_error(node), cfg)
+    assert message == "model.colour is not a known key here; check its spelling or remove it"
+
+
+def test_broken_interpolation_names_its_key():
+    cfg = OmegaConf.create({"data": {"root": "${paths.nope}", "mean": "${nope:1}"}})
+    for key in ("root", "mean"):
+        with pytest.raises(InterpolationResolutionError) as raised:
+            cfg.data[key]
+        message = user_error_message(raised.value)
+        assert message.startswith(f"data.{key}: ") and "\n" not in message, message
+
+
+def _composition_error(*overrides: str) -> str:
+    with pytest.raises((ConfigCompositionException, OverrideParseException)) as raised:
+        compose_config(CONF, "train", overrides)
+    return composition_error_message(raised.value, "train.py")
+
+
+def test_composition_mistakes_are_one_line_by_exception_type():
+    assert _composition_error("data.batchsize=8") == (
+        "data.batchsize is not a config key: check its spelling (all keys: "
+        "`python src/train.py --cfg job`), or add a new key with +data.batchsize=..."
+    )
+    assert _composition_error("model=nope") == (
+        "Could not find 'model/nope'; available options in 'model': effv2s, lite0, tiny"
+    )
+    for overrides in (["+trainer.max_epochs=3"], ["data.x=[1"], ["~nope"]):
+        message = _composition_error(*overrides)
+        assert "\n" not in message and message, overrides
+    assert "Could not find" in _composition_error("model=nope", "+trainer.max_epochs=3")
+
+
+def test_composing_inside_a_running_app_restores_it():
+    compose_config(CONF, "train", ["model=tiny"])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        running = GlobalHydra.instance().hydra
+        assert compose_config(CONF, "train", ["model=tiny"]).model.backbone
+        assert GlobalHydra.instance().hydra is running
+    assert not GlobalHydra.instance().is_initialized()

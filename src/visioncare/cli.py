@@ -9,7 +9,6 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from visioncare.composition import composition_error_message
 from visioncare.config import register_resolvers
 from visioncare.errors import VisionCareError
 
@@ -25,47 +25,59 @@ log = logging.getLogger("visioncare")
 
 TRAINER_FLAGS = frozenset(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
 
+# Texts of other libraries that the messages below still read, each pinned by a fast test in
+# tests/test_cli_errors.py that triggers the library's own error (pyproject pins the ranges).
+# hydra-core 1.3.x (`_instantiate2._call_target`): an `InstantiationException` names the config
+# node it was instantiating only in its message, as a line "full_key: trainer".
+HYDRA_FULL_KEY = re.compile(r"full_key: (\S+)")
+# lightning 2.6.x quotes a Trainer argument in backticks: "`max_epochs` must be a non-negative
+# integer or -1. You passed in -3."
+LIGHTNING_QUOTED_NAME = re.compile(r"`(\w+)`")
+# CPython 3.10-3.13 (requires-python): "f() got an unexpected keyword argument 'colour'".
+UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
-def _full_key(error: InstantiationException) -> str:
-    """The config node Hydra was instantiating (``trainer``, ``data``, ...), from its message."""
-    found = re.search(r"full_key: (\S+)", str(error))
+
+def _instantiated_key(error: InstantiationException) -> str:
+    """The config node Hydra was instantiating (``trainer``, ``data``, ...), or ""."""
+    found = HYDRA_FULL_KEY.search(str(error))
     return found.group(1) if found else ""
 
 
 def user_error_message(error: BaseException, cfg: DictConfig | None = None) -> str | None:
     """The one-line message of a mistake in the config or the input, or None for a real bug.
 
-    Hydra's `instantiate` wraps whatever a constructor raises in an `InstantiationException`;
-    the cause is what the user needs to read. Besides our own `VisionCareError`, two causes are
-    config mistakes by construction: Lightning's `MisconfigurationException` from the Trainer's
-    flags, and an unknown keyword that the config holds (``+model.foo=1``); so is a required
-    ``???`` key left unset. Anything else keeps its traceback.
+    Told apart by exception type. Hydra's `instantiate` wraps whatever a constructor raises
+    in an `InstantiationException`; the cause is what the user needs to read. Besides our own
+    `VisionCareError`, config mistakes by construction are: a required ``???`` key left unset
+    and an interpolation that names no key or resolver (OmegaConf's errors carry the
+    `full_key`), and, raised by a constructor Hydra called, Lightning's
+    `MisconfigurationException` from the Trainer's flags and an unknown keyword that the
+    config holds (``+model.foo=1``). Anything else keeps its traceback.
     """
+    key, wrapped = "", False
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        key, error, wrapped = _instantiated_key(error) or key, error.__cause__, True
     if isinstance(error, InterpolationResolutionError) and error.__cause__ is not None:
         error = error.__cause__  # raised by one of our resolvers (`${backbone_mean:NAME}`)
     if isinstance(error, VisionCareError):
         return str(error)
     if isinstance(error, MissingMandatoryValue):  # a `???` key the command did not set
         return f"{error.full_key} is required: pass {error.full_key}=<value> on the command line"
-    if not isinstance(error, InstantiationException) or error.__cause__ is None:
+    if isinstance(error, InterpolationResolutionError) and error.full_key:
+        problem = str(error).splitlines()[0]  # OmegaConf's text; the lines below repeat the key
+        return f"{error.full_key}: {problem}; fix the ${{...}} in its value"
+    if not wrapped:
         return None
-    key = _full_key(error)
-    cause = error.__cause__
-    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-        key, cause = _full_key(cause) or key, cause.__cause__
-    if isinstance(cause, VisionCareError):
-        return str(cause)
-    if isinstance(cause, MisconfigurationException):
-        text = str(cause)
+    if isinstance(error, MisconfigurationException):
+        text = str(error)
         if key == "trainer":  # Lightning names its flags `max_epochs`; the user typed trainer.*
-            text = re.sub(
-                r"`(\w+)`",
+            text = LIGHTNING_QUOTED_NAME.sub(
                 lambda m: f"`trainer.{m.group(1)}`" if m.group(1) in TRAINER_FLAGS else m.group(0),
                 text,
             )
         return f"{key or 'config'}: {text}"
-    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
-    if isinstance(cause, TypeError) and unknown:
+    unknown = UNEXPECTED_KEYWORD.search(str(error)) if isinstance(error, TypeError) else None
+    if unknown:
         name = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
         if cfg is not None and OmegaConf.select(cfg, name, default=None) is None:
             return None  # not a key the user set: our own call is wrong, a bug
@@ -91,29 +103,6 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         log.error("%s", message)
         print(f"\nERROR: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def composition_error_message(error: Exception) -> str:
-    """Hydra's multi-line message for a bad override or group option, as one line.
-
-    ``data.batchsize=8`` names the key and the way to add one; ``model=nope`` lists the
-    available options (Hydra's config search path, noise to a user, is dropped).
-    """
-    text = str(error).split("Config search path")[0]
-    options = re.search(r"Available options in '([^']+)':((?:\s*\t[^\n]+)+)", text)
-    if options:
-        names = ", ".join(line.strip() for line in options.group(2).splitlines() if line.strip())
-        text = text[: options.start()] + f"Available options in '{options.group(1)}': {names}"
-    cause = error.__cause__
-    if cause is not None and "not in struct" in str(cause):
-        key = re.search(r"Could not override '([^']+)'", text)
-        if key:
-            script = Path(sys.argv[0]).name
-            return (
-                f"{key.group(1)} is not a config key: check its spelling (all keys: "
-                f"`python src/{script} --cfg job`), or add a new key with +{key.group(1)}=..."
-            )
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from rich.progress import Progress
 
 from visioncare.data.preprocess import PreprocessConfig, UnreadableImageError, prepare
 from visioncare.utils.cpus import usable_cpus
+from visioncare.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class PreprocessedCache:
         if todo:
             workers = num_workers or usable_cpus()
             unlocated: list[Path] = []
-            with ThreadPoolExecutor(max_workers=workers) as pool, Progress(transient=True) as bar:
+            bar = progress_bar(transient=True)
+            with ThreadPoolExecutor(max_workers=workers) as pool, bar:
                 task = bar.add_task(f"Caching {len(todo)} images", total=len(todo))
                 for source, target, error, located in pool.map(self._build_one, todo):
                     if error is None:

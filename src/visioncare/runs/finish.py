@@ -40,6 +40,7 @@ from visioncare.serving.explain import gradcam_examples
 from visioncare.serving.loading import load_model
 from visioncare.serving.probabilities import collect_probabilities
 from visioncare.utils.accelerator import trainer_flags
+from visioncare.utils.formatting import fmt_number
 from visioncare.utils.tensorboard import log_png_images
 
 log = logging.getLogger("visioncare")
@@ -118,13 +119,14 @@ def choose_operating_points(
     model.temperatures = temperatures_from(entry)
     store_calibration(ckpt_path, entry)
     for task in probs:
+        temperature = None if model.temperatures is None else model.temperatures[task]
         log.info(
             "Calibration (%s) %s: temperature %s, validation NLL %s -> %s",
             calibration,
             task.upper(),
-            "n/a" if model.temperatures is None else f"{model.temperatures[task]:.4f}",
-            _fmt(record["val_nll_before"][task]),
-            _fmt(record["val_nll_after"][task]),
+            fmt_number(temperature, missing="n/a"),
+            fmt_number(record["val_nll_before"][task], missing="n/a"),
+            fmt_number(record["val_nll_after"][task], missing="n/a"),
         )
     calibrated = calibrate(probs, model.temperatures)
     points = operating_points(calibrated, targets, target_sensitivity)
@@ -137,17 +139,13 @@ def choose_operating_points(
             task.upper(),
             point["threshold"],
             point["val_sensitivity"],
-            "n/a" if point["val_specificity"] is None else f"{point['val_specificity']:.3f}",
+            fmt_number(point["val_specificity"], 3, missing="n/a"),
             target_sensitivity,
         )
     diagrams = []
     if plots_dir is not None:
         diagrams = reliability_diagrams(plots_dir, calibrated, probs, targets, "val")
     return record, diagrams
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def hparams_metrics(best_metrics: dict[str, float], test_metrics: dict[str, float]) -> dict:

@@ -15,6 +15,7 @@ from typing import Any
 
 from visioncare.runs.splits import FILENAME as SPLITS_FILENAME
 from visioncare.runs.splits import read_splits
+from visioncare.utils.formatting import fmt_number
 
 FILENAME = "model_card.md"
 
@@ -23,7 +24,7 @@ def _number(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return fmt_number(value, missing="nan")  # the card's table is parsed back as floats
     return str(value)
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from visioncare import DME_CLASSES, DR_CLASSES
 from visioncare.scoring.plots import plot_confusion_matrix, plot_curves, read_metrics_csv
+from visioncare.utils.formatting import fmt_number
 
 HEADLINE_METRICS = (
     "avg_acc",
@@ -84,10 +85,7 @@ def print_summary_table(summary: Mapping[str, Any], console: Console | None = No
     table.add_column("metric")
     table.add_column("val (best)", justify="right")
     table.add_column("test", justify="right")
-
-    def fmt(value: Any) -> str:
-        return "—" if value is None else f"{value:.4f}"
-
     for name in HEADLINE_METRICS:
-        table.add_row(name, fmt(best.get(f"val/{name}")), fmt(test.get(f"test/{name}")))
+        val, tested = best.get(f"val/{name}"), test.get(f"test/{name}")
+        table.add_row(name, fmt_number(val), fmt_number(tested))
     (console or Console()).print(table)

@@ -13,6 +13,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from visioncare.utils.formatting import fmt_number
+
 log = logging.getLogger("visioncare")
 
 COLUMNS = (
@@ -64,9 +66,7 @@ def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         writer.writerows(ranked)
 
     def cell(value: Any) -> str:
-        return (
-            f"{value:.4f}" if isinstance(value, float) else ("—" if value is None else str(value))
-        )
+        return fmt_number(value) if value is None or isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(cell(row[f]) for f in fields) + " |" for row in ranked]

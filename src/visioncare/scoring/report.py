@@ -35,6 +35,7 @@ from visioncare.scoring.referral import (
     referable_truth,
     threshold_for,
 )
+from visioncare.utils.formatting import fmt_interval, fmt_number
 
 HEADLINE = ("avg_acc", "joint_acc", "acc_dr", "acc_dme", "f1_dr", "f1_dme", "qwk_dr", "qwk_dme")
 
@@ -362,15 +363,11 @@ def write_eval_plots(
     return written
 
 
-def _fmt(value: Any) -> str:
-    return "—" if value is None else f"{value:.4f}"
-
-
 def _fmt_ci(metrics: dict[str, Any], key: str) -> str:
     """`value [low, high]` where the metric has a bootstrap interval, else the value alone."""
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    shown = _fmt(metrics.get(key))
-    return shown if low is None or high is None else f"{shown} [{low:.4f}, {high:.4f}]"
+    shown, interval = fmt_number(metrics.get(key)), fmt_interval(low, high, missing="")
+    return f"{shown} {interval}" if interval else shown
 
 
 def write_report(
@@ -403,7 +400,8 @@ def write_report(
             )
             lines.append(f"| {key.split('/', 1)[1]} | {shown} |")
         threshold = metrics.get(f"{split}/referable_{task}_threshold")
-        lines.append(f"| referable (>= {REFERABLE_FROM[task]}) threshold | {_fmt(threshold)} |")
+        shown = fmt_number(threshold)
+        lines.append(f"| referable (>= {REFERABLE_FROM[task]}) threshold | {shown} |")
         for m in ("sensitivity", "specificity", "auroc"):
             key = f"{split}/referable_{task}_{m}"
             lines.append(f"| referable (>= {REFERABLE_FROM[task]}) {m} | {_fmt_ci(metrics, key)} |")
@@ -452,7 +450,7 @@ def write_report(
         lines += ["", "## Per source", "", "| source | " + " | ".join(HEADLINE) + " |"]
         lines.append("|---" * (len(HEADLINE) + 1) + "|")
         for source in per_source:
-            values = [_fmt(metrics.get(f"{split}/{source}/{m}")) for m in HEADLINE]
+            values = [fmt_number(metrics.get(f"{split}/{source}/{m}")) for m in HEADLINE]
             lines.append(f"| {source} | " + " | ".join(values) + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"- plots/{p.name}" for p in plots]
@@ -474,6 +472,5 @@ def print_table(metrics: dict[str, Any], split: str, console: Console | None = N
     for name in keys:
         key = f"{split}/{name}"
         low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-        interval = "" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
-        table.add_row(name, _fmt(metrics.get(key)), interval)
+        table.add_row(name, fmt_number(metrics.get(key)), fmt_interval(low, high, missing=""))
     (console or Console()).print(table)

@@ -30,14 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
+from visioncare.composition import compose_config, composition_error_message
 from visioncare.errors import ConfigurationError, VisionCareError
+from visioncare.utils.formatting import fmt_interval, fmt_number
 
 log = logging.getLogger("visioncare")
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"  # src/train.py
+CONF_DIR = TRAIN_SCRIPT.parents[1] / "conf"  # what train.py composes from
 # Column in ablation.csv -> (where in summary.json, label in ablation.md).
 METRICS = {
     "val_avg_acc": (("best", "val/avg_acc"), "val avg_acc"),
@@ -94,20 +98,47 @@ def plan_jobs(cfg: DictConfig, output_dir: Path) -> list[Job]:
     seeds = [int(s) for s in cfg.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigurationError(f"seeds must be distinct integers, got {list(cfg.seeds)}")
-    common = [str(o) for o in [*(cfg.get("common") or []), *(cfg.get("extra") or [])]]
-    shared = [
-        f"paths.data_dir={cfg.paths.data_dir}",
-        f"paths.cache_dir={cfg.paths.cache_dir}",
-        f"paths.log_dir={cfg.paths.log_dir}",
-    ]
+    shared = _shared_overrides(cfg)
     jobs = []
     for seed in seeds:
         for arm, overrides in arms.items():
             run_dir = output_dir / "runs" / arm / f"seed_{seed}"
             extra = [str(o) for o in overrides or []]
-            job_overrides = [*shared, *common, *extra, f"seed={seed}", f"hydra.run.dir={run_dir}"]
+            job_overrides = [*shared, *extra, f"seed={seed}", f"hydra.run.dir={run_dir}"]
             jobs.append(Job(arm, seed, job_overrides, run_dir))
     return jobs
+
+
+def check_arms(cfg: DictConfig, jobs: Sequence[Job]) -> None:
+    """Compose every arm's train config as `train.py` will, before any job runs.
+
+    A bad override (a typo in a key, a group option that does not exist) would otherwise be
+    found only when the first job of its arm starts, possibly hours in. The shared overrides
+    are composed alone first, so a mistake there is not blamed on the first arm.
+    """
+    firsts: dict[str, Job] = {}
+    for job in jobs:
+        firsts.setdefault(job.arm, job)
+    checks = [("the shared overrides", "common or extra", _shared_overrides(cfg))]
+    checks += [(f"arm {arm!r}", f"arms.{arm}", job.overrides) for arm, job in firsts.items()]
+    for what, where, overrides in checks:
+        try:
+            compose_config(CONF_DIR, "train", [o for o in overrides if not o.startswith("hydra.")])
+        except (ConfigCompositionException, OverrideParseException) as error:
+            raise ConfigurationError(
+                f"ablation: train.py cannot compose {what}: "
+                f"{composition_error_message(error, 'train.py')} (fix {where}, then rerun)"
+            ) from error
+
+
+def _shared_overrides(cfg: DictConfig) -> list[str]:
+    """What every job gets: this ablation's paths, then `common`, then `extra`."""
+    return [
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.cache_dir={cfg.paths.cache_dir}",
+        f"paths.log_dir={cfg.paths.log_dir}",
+        *(str(o) for o in [*(cfg.get("common") or []), *(cfg.get("extra") or [])]),
+    ]
 
 
 def run_job(job: Job, timeout_s: float | None = None) -> Job:
@@ -236,10 +267,6 @@ def write_csv(path: Path, jobs: Sequence[Job]) -> None:
             writer.writerow(row)
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "—" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def write_markdown(
     path: Path,
     jobs: Sequence[Job],
@@ -270,12 +297,10 @@ def write_markdown(
                 delta, _, d_low, d_high = mean_interval(
                     paired_differences(jobs, arm, baseline, column), level
                 )
-                delta_text = "—" if math.isnan(delta) else f"{delta:+.{digits}f}"
-                delta_ci = (
-                    "—" if math.isnan(d_low) else f"[{d_low:+.{digits}f}, {d_high:+.{digits}f}]"
-                )
-            spread = f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
-            interval = "—" if math.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+                delta_text = fmt_number(delta, digits, signed=True)
+                delta_ci = fmt_interval(d_low, d_high, digits, signed=True)
+            spread = f"{fmt_number(mean, digits)} ± {fmt_number(std, digits)}"
+            interval = fmt_interval(low, high, digits)
             lines.append(
                 f"| {arm} | {len(values)} | {spread} | {interval} | {delta_text} | {delta_ci} |"
             )
@@ -340,6 +365,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(cfg, output_dir)
+    check_arms(cfg, jobs)
     arms = list(dict.fromkeys(job.arm for job in jobs))
     timeout = cfg.get("job_timeout_s")
     level = float(cfg.get("level", 0.95))
