@@ -110,7 +110,8 @@ def launcher_rank() -> int:
 
 
 def rank_zero_subdir(subdir: str) -> str | None:
-    """Hydra resolver ``${rank_zero_subdir:.hydra}``: only rank 0 writes the composed config.
+    """``subdir`` on rank 0, else None: only rank 0 writes the composed config (Hydra's
+    ``output_subdir``, see `visioncare.runs.resume.hydra_output_subdir`).
 
     Every rank shares the run directory; N processes rewriting `.hydra/config.yaml` at once could
     leave it torn. (Lightning's launcher passes ``hydra.output_subdir=null`` for the same reason.)
