@@ -13,12 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from tests.conftest import ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from tests.test_train import assert_tensorboard_complete
 from visioncare.errors import ConfigurationError
-from visioncare.runs.resume import carry_best_checkpoint, resolve_ckpt_path, resume_run_dir
+from visioncare.runs.resume import (
+    ResumeRunDir,
+    carry_best_checkpoint,
+    hydra_output_subdir,
+    resolve_ckpt_path,
+    resume_run_dir,
+)
 from visioncare.tasks.train import run as train
 
 
@@ -125,6 +133,56 @@ def test_bad_checkpoints_are_named(tmp_path):
         resolve_ckpt_path("last", tmp_path)
     assert resume_run_dir(None, str(tmp_path), "fresh") == "fresh"
     assert resume_run_dir(str(junk), str(tmp_path), "fresh") == "fresh"
+
+
+def _run_dir_after_callback(*overrides: str) -> str:
+    """`hydra.run.dir` once train.yaml's ResumeRunDir callback has run, as in `src/train.py`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert "resume_run_dir" in cfg.hydra.callbacks  # registered for training only
+    ResumeRunDir().on_run_start(config=cfg)
+    return str(cfg.hydra.run.dir)
+
+
+def test_resume_run_directory_is_decided_in_code(tmp_path):
+    """No filesystem search while composing: the callback moves a resume into its run's dir."""
+    logs = tmp_path / "logs"
+    run = logs / "train" / "runs" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    fresh = _run_dir_after_callback(f"paths.log_dir={logs}")
+    assert fresh.startswith(f"{logs}/train/runs/") and fresh != str(run)
+    assert _run_dir_after_callback(f"paths.log_dir={logs}", f"ckpt_path={last}") == str(run)
+    assert _run_dir_after_callback(f"paths.log_dir={logs}", "ckpt_path=last") == str(run)
+    # An explicit run directory (yours, or the one Lightning passes to the ranks it starts) wins.
+    chosen = tmp_path / "elsewhere"
+    explicit = _run_dir_after_callback(f"ckpt_path={last}", f"hydra.run.dir={chosen}")
+    assert explicit == str(chosen)
+    # Nothing to resume from: a fresh directory; the task then refuses the ckpt_path.
+    missing = _run_dir_after_callback(f"paths.log_dir={tmp_path / 'none'}", "ckpt_path=last")
+    assert missing.startswith(f"{tmp_path / 'none'}/train/runs/")
+    # Other tasks name fresh directories the same way and never look for a resume.
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for task in ("eval", "predict", "export", "preprocess", "ablate"):
+            cfg = compose(config_name=task, return_hydra_config=True)
+            assert "resume_run_dir" not in cfg.hydra.callbacks, task
+            assert str(cfg.hydra.run.dir).startswith(f"{cfg.paths.log_dir}/{task}/runs/"), task
+    GlobalHydra.instance().clear()
+
+
+def test_a_resumed_run_keeps_its_first_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert hydra_output_subdir(str(tmp_path)) == ".hydra"
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}")
+    assert hydra_output_subdir(str(tmp_path)).startswith(".hydra/resume-")
+    monkeypatch.setenv("RANK", "1")  # other ranks write no config
+    assert hydra_output_subdir(str(tmp_path)) is None
 
 
 @pytest.mark.slow

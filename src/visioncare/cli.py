@@ -58,7 +58,7 @@ def user_error_message(error: BaseException, cfg: DictConfig | None = None) -> s
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         key, error, wrapped = _instantiated_key(error) or key, error.__cause__, True
     if isinstance(error, InterpolationResolutionError) and error.__cause__ is not None:
-        error = error.__cause__  # raised by one of our resolvers (`${backbone_mean:NAME}`)
+        error = error.__cause__  # raised by one of our resolvers (`${backbone_normalization:...}`)
     if isinstance(error, VisionCareError):
         return str(error)
     if isinstance(error, MissingMandatoryValue):  # a `???` key the command did not set

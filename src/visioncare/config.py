@@ -1,6 +1,20 @@
 """Config plumbing shared by every task: the resolvers the YAML uses, and instantiating a config
 group of named objects (callbacks, loggers). Importing this module registers the resolvers, so
-configs composed outside the entry points (tests, notebooks, benchmarks) resolve too."""
+configs composed outside the entry points (tests, notebooks, benchmarks) resolve too.
+
+The resolvers, each needed where plain interpolation cannot do it:
+
+- ``${run_name:}``: the run directory's name, the same on every rank of one launch and across a
+  SLURM requeue; Hydra resolves `hydra.run.dir` in each process before any task code runs.
+- ``${hydra_output_subdir:<run dir>}``: where the composed config goes (`.hydra`, or
+  `.hydra/resume-<time>` in a resumed run's directory; none on ranks other than 0); Hydra writes
+  it before any task code runs.
+- ``${backbone_normalization:<backbone>,mean|std}``: a timm backbone's input statistics, so the
+  composed config (and `.hydra/config.yaml`) records the normalisation that ran, and the
+  datamodule needs nothing from the model.
+
+Where a resumed training runs is decided in code, not here: `visioncare.runs.resume.ResumeRunDir`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from visioncare.models.net import backbone_normalization
-from visioncare.runs.launcher import rank_zero_subdir, run_name
-from visioncare.runs.resume import hydra_output_subdir, resume_run_dir
+from visioncare.runs.launcher import run_name
+from visioncare.runs.resume import hydra_output_subdir
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -22,14 +36,11 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def register_resolvers() -> None:
-    """Resolvers the configs use; called by the entry points before Hydra composes."""
+    """Resolvers the configs use (see the module doc); called before Hydra composes."""
     resolvers = {
-        "resume_run_dir": resume_run_dir,
         "run_name": run_name,
         "hydra_output_subdir": hydra_output_subdir,
-        "rank_zero_subdir": rank_zero_subdir,
-        "backbone_mean": lambda backbone: _normalization(backbone, "mean"),
-        "backbone_std": lambda backbone: _normalization(backbone, "std"),
+        "backbone_normalization": _normalization,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -37,7 +48,7 @@ def register_resolvers() -> None:
 
 
 def _normalization(backbone: str | None, which: str) -> list[float] | None:
-    """`${backbone_mean:NAME}` / `${backbone_std:NAME}`: a timm backbone's input statistics."""
+    """`${backbone_normalization:NAME,mean}`: a timm backbone's mean (or std), None if unknown."""
     values = backbone_normalization(backbone)
     return None if values is None else values[which]
 

@@ -179,8 +179,8 @@ def backbone_normalization(backbone: str | None) -> dict[str, list[float]] | Non
 
     Read from timm's pretrained config, without building the model; equal to
     `TwoHeadNet(backbone).data_config`'s (tested). The data config's defaults resolve to it
-    (`data.mean: ${backbone_mean:...}`), so the datamodule normalises as the backbone expects
-    without the model handing it anything.
+    (`data.mean: ${backbone_normalization:...}`), so the datamodule normalises as the backbone
+    expects without the model handing it anything.
     """
     if not backbone:
         return None

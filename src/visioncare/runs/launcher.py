@@ -11,6 +11,10 @@ empty one). The run's name is therefore keyed on what the launcher shares:
   ``compare_set``; the first proposal wins and every rank, on every node, uses it.
 - Lightning's own DDP launcher passes ``hydra.run.dir`` to the processes it starts: nothing to do.
 - A single process: its own timestamp, with microseconds so two runs never share a directory.
+
+A Hydra multirun (`-m`, any launcher, submitit's included) puts each job in
+``<sweep dir>/<job number>``; the run name is not used there. A submitit job that SLURM requeues
+runs the same job number again, so it finds its own checkpoints the same way.
 """
 
 from __future__ import annotations
@@ -82,6 +86,20 @@ def run_name() -> str:
     return slurm_run_name() or torchelastic_run_name(timestamp()) or timestamp()
 
 
+def submitit_slurm_environment() -> SLURMEnvironment | None:
+    """Inside a job submitted by submitit (`hydra/launcher=slurm`): Lightning's SLURM environment
+    with its auto-requeue off, else None (Lightning's default detection).
+
+    submitit owns preemption and time limits: SLURM sends SIGUSR2, submitit's handler requeues the
+    job (`scontrol requeue`) and exits; the requeued job resumes from its directory's last.ckpt.
+    Lightning's auto-requeue listens on SIGUSR1 and would write `hpc_ckpt_<n>.ckpt` and requeue
+    the same job a second time if that signal came too; one tool requeues.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not SLURMEnvironment.detect():
+        return None
+    return SLURMEnvironment(auto_requeue=False)
+
+
 def launcher_rank() -> int:
     """This process's global rank as the launcher set it (0 before any process group exists)."""
     for variable in ("RANK", "SLURM_PROCID"):
@@ -92,7 +110,8 @@ def launcher_rank() -> int:
 
 
 def rank_zero_subdir(subdir: str) -> str | None:
-    """Hydra resolver ``${rank_zero_subdir:.hydra}``: only rank 0 writes the composed config.
+    """``subdir`` on rank 0, else None: only rank 0 writes the composed config (Hydra's
+    ``output_subdir``, see `visioncare.runs.resume.hydra_output_subdir`).
 
     Every rank shares the run directory; N processes rewriting `.hydra/config.yaml` at once could
     leave it torn. (Lightning's launcher passes ``hydra.output_subdir=null`` for the same reason.)

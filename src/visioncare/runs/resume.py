@@ -6,17 +6,21 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from visioncare.errors import ConfigurationError
-from visioncare.runs.launcher import slurm_run_name
+from visioncare.runs.launcher import rank_zero_subdir, slurm_run_name, timestamp
 
 log = logging.getLogger("visioncare")
 
 # The checkpoint entry holding the composed run config (plain dict; `RunConfigRecord`).
 RUN_CONFIG_KEY = "visioncare_config"
+# conf/hydra/default.yaml's fresh run directory ends with this; anything else was chosen on purpose.
+FRESH_RUN_NAME = "${run_name:}"
 
 
 def newest_last_checkpoint(task_log_dir: str | Path) -> Path | None:
@@ -26,7 +30,7 @@ def newest_last_checkpoint(task_log_dir: str | Path) -> Path | None:
 
 
 def resume_run_dir(ckpt_path: str | None, task_log_dir: str, fresh_dir: str) -> str:
-    """Hydra resolver: resume inside the checkpoint's own run directory, else a fresh one.
+    """The checkpoint's own run directory when ``ckpt_path`` names a resume, else ``fresh_dir``.
 
     Continuing in the same directory keeps `metrics.csv`, `best.ckpt` and TensorBoard curves of
     the interrupted run together (a new directory would lose the best checkpoint's file).
@@ -42,14 +46,36 @@ def resume_run_dir(ckpt_path: str | None, task_log_dir: str, fresh_dir: str) -> 
     return fresh_dir
 
 
-def hydra_output_subdir(run_dir: str, stamp: str) -> str:
-    """Hydra resolver: `.hydra`, or `.hydra/resume-<stamp>` when the run dir already has one.
+class ResumeRunDir(Callback):
+    """Hydra callback (conf/train.yaml): a resumed training continues in its checkpoint's run dir.
 
-    Resuming continues in the original run directory; the first run's composed config and
-    overrides stay as they were, and each resume records its own beside them.
+    Runs once the config is composed (so ``ckpt_path=last`` searches the task's real log folder)
+    and before Hydra creates the run directory. A run directory given explicitly
+    (``hydra.run.dir=...``, as Lightning's DDP launcher passes to the ranks it starts) is kept:
+    only the default fresh ``runs/${run_name:}`` is replaced. A ``ckpt_path`` that names no
+    checkpoint leaves it too; the task then refuses it with one ERROR line.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run = config.hydra.run
+        if FRESH_RUN_NAME not in str(OmegaConf.to_container(run, resolve=False)["dir"]):
+            return
+        task_log_dir = str(Path(config.paths.log_dir, config.task_name))
+        resumed = resume_run_dir(config.get("ckpt_path"), task_log_dir, "")
+        if resumed:
+            with read_write(run):
+                run.dir = resumed
+
+
+def hydra_output_subdir(run_dir: str) -> str | None:
+    """Hydra resolver: where this process writes the composed config inside ``run_dir``.
+
+    `.hydra`, or `.hydra/resume-<time>` when the run directory already has one (a resumed or
+    requeued run: the first run's config and overrides stay as they were); None on ranks other
+    than 0, which share the directory (`rank_zero_subdir`).
     """
     first = Path(run_dir) / ".hydra" / "config.yaml"
-    return f".hydra/resume-{stamp}" if first.is_file() else ".hydra"
+    return rank_zero_subdir(f".hydra/resume-{timestamp()}" if first.is_file() else ".hydra")
 
 
 def best_epoch_of(checkpoint: dict) -> int:

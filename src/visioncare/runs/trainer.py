@@ -11,6 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,7 @@ from visioncare.config import instantiate_group
 from visioncare.errors import ConfigurationError
 from visioncare.models.net import normalise_pretrained
 from visioncare.models.sync_batchnorm import TimmSyncBatchNorm
+from visioncare.runs.launcher import submitit_slurm_environment
 from visioncare.runs.resume import carry_best_checkpoint
 from visioncare.utils.accelerator import enable_tf32
 
@@ -56,9 +58,13 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list) -> L.
 
     `trainer.sync_batchnorm=true` converts with timm's `convert_sync_batchnorm` (through the
     `TimmSyncBatchNorm` plugin) instead of torch's, which drops timm's fused activations.
+    Under submitit's SLURM jobs only submitit requeues (`submitit_slurm_environment`).
     """
     enable_tf32(trainer_cfg.precision, trainer_cfg.accelerator)
     plugins = list(instantiate(trainer_cfg.get("plugins")) or [])
+    submitit_env = submitit_slurm_environment()
+    if submitit_env and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(submitit_env)
     if trainer_cfg.get("sync_batchnorm"):
         plugins.append(TimmSyncBatchNorm())
     return instantiate(
