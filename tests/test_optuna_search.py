@@ -12,7 +12,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from visioncare.cli import run_task
-from visioncare.errors import ConfigurationError
 from visioncare.runs.optuna_search import parse_space, run_search
 from visioncare.tasks.train import run as train
 
@@ -107,6 +106,14 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, *[State.COMPLETE] * 2]
     # The resumed sampler does not replay the first proposals.
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
+
+    # A trial's config is what `python src/train.py <its .hydra/overrides.yaml>` composes.
+    trial_dir = out / "trials" / "3"
+    overrides = OmegaConf.to_container(OmegaConf.load(trial_dir / ".hydra" / "overrides.yaml"))
+    composed = make_cfg("logger=none", "gradcam_images=0", *overrides)
+    composed.paths.output_dir = str(trial_dir)
+    saved = OmegaConf.load(trial_dir / ".hydra" / "config.yaml")
+    assert OmegaConf.to_container(composed) == OmegaConf.to_container(saved)
 
 
 @pytest.mark.slow

@@ -253,12 +253,11 @@ def run_search(cfg: DictConfig, train: TrainFn) -> dict[str, float]:
         try:
             metrics = train(trial_cfg, [OptunaPruning(trial, metric)])
         except optuna.TrialPruned:
-            log.info("Trial %d pruned", trial.number)
             raise
         except Exception as error:
-            # A failed trial must not end the study: record it, go on with the next one.
+            # A failed trial must not end the study: `optimize` logs it with its traceback,
+            # marks it failed and goes on (catch=Exception below).
             errors.append(f"trial {trial.number}: {type(error).__name__}: {error}")
-            log.exception("Trial %d failed", trial.number)
             raise
         value = metrics.get(metric)
         if value is None or not math.isfinite(float(value)):
