@@ -162,3 +162,38 @@ def plot_roc(
     ax.set_title(title)
     ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def plot_param_importances(importances: dict[str, float], metric: str, path: str | Path) -> Path:
+    """Horizontal bars of an Optuna study's parameter importances, the largest on top."""
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel(f"importance for {metric} (PED-ANOVA, sums to 1)")
+    ax.set_title("Hyperparameter importances")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_search_history(trials: Sequence[dict[str, Any]], metric: str, path: str | Path) -> Path:
+    """Each trial's value by number (pruned: its last reported score, hollow), best so far."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = [t for t in trials if t["state"] == "complete"]
+    pruned = [t for t in trials if t["state"] == "pruned" and t["last_reported"]]
+    if done:
+        ax.plot([t["number"] for t in done], [t["value"] for t in done], "o", label="complete")
+        best, running = [], -np.inf
+        for t in done:
+            running = max(running, t["value"])
+            best.append(running)
+        ax.step([t["number"] for t in done], best, where="post", label="best so far")
+    if pruned:
+        xs = [t["number"] for t in pruned]
+        ys = [t["last_reported"]["value"] for t in pruned]
+        ax.plot(xs, ys, "o", mfc="none", color="tab:red", label="pruned (last epoch reported)")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"best {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)

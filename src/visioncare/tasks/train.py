@@ -4,19 +4,25 @@ Order (as in lightning-hydra-template): seed → model, datamodule, callbacks, l
 all from the composed config → fit → the best epoch's weights (`best.ckpt`) validated again →
 test once → `report_run` (summary.json, plots, operating points, Grad-CAM, TensorBoard hparams,
 a printed table). Returns the metrics so sweeps can optimise one.
+
+With `hparams_search=optuna` (an `optuna` node in the config) the same training function runs
+once per trial of an Optuna study instead (`visioncare.runs.optuna_search`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from visioncare.config import instantiate_group
 from visioncare.runs.finish import report_run
+from visioncare.runs.optuna_search import run_search
 from visioncare.runs.resume import checkpoint_to_resume
 from visioncare.runs.trainer import (
     build_trainer,
@@ -33,7 +39,17 @@ log = logging.getLogger("visioncare")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train, select on validation, test once; returns best validation and test metrics."""
+    """One training run, or an Optuna search of them (`hparams_search=optuna`)."""
+    if cfg.get("optuna"):
+        return run_search(cfg, fit)
+    return fit(cfg)
+
+
+def fit(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Train, select on validation, test once; returns best validation and test metrics.
+
+    ``extra_callbacks`` join the config's (an Optuna trial's pruning callback).
+    """
     refuse_multirun_ddp(cfg)
     # auto/null become Lightning's values here, so the stored config records what runs.
     resolve_trainer_flags(cfg)
@@ -54,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
 
     loggers = instantiate_group(cfg.get("logger"))
-    callbacks = training_callbacks(cfg, ckpt_path, loggers)
+    callbacks = [*training_callbacks(cfg, ckpt_path, loggers), *extra_callbacks]
     trainer = build_trainer(cfg.trainer, callbacks, loggers)
 
     if cfg.get("train", True):
