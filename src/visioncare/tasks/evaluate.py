@@ -29,9 +29,18 @@ Written to the run directory (`paths.output_dir`):
   resampled where known) of every headline and calibration metric as `<key>_ci_low` /
   `<key>_ci_high`. Point values and intervals come from one function
   (`visioncare.scoring.bootstrap.weighted_metrics`).
-- `predictions.csv`: one row per image (patient id where known, true and predicted grades, the
-  calibrated probabilities `{t}_prob_{k}` and the raw `{t}_prob_{k}_uncalibrated`), so every
-  number above can be re-computed independently.
+  Subgroups also come from the data itself (`Record.groups`): `data.group_columns` of a CSV
+  table and the DICOM `camera`.
+- External validation (`datasets`: name → data config, `+data@datasets.<name>=<config>`): each
+  dataset's split is evaluated the same way (the checkpoint's preprocessing and temperatures),
+  every key above again as `<name>/<split>/...`, and `<name>/<split>/diff/<metric>` (with
+  intervals) is its difference to the first row (the checkpoint's own data, or `data=`): an
+  unpaired bootstrap, each dataset resampling its own patients. report.md opens with one table,
+  a row per dataset (and per source of a multi-source dataset).
+- `predictions.csv`: one row per image and dataset (`dataset` = `own`, `data=`'s source name or
+  the `datasets` name; patient id and laterality where known; the data's group columns; true
+  and predicted grades, the calibrated probabilities `{t}_prob_{k}` and the raw
+  `{t}_prob_{k}_uncalibrated`), so every number above can be re-computed independently.
 - `report.md`, `plots/confusion_{t}.png`, `plots/roc_referable_{t}.png`, and a printed table.
 """
 
