@@ -25,7 +25,7 @@ from visioncare.scoring.report import (
     validation_section,
     write_split_predictions,
 )
-from visioncare.tasks.evaluate import external_datasets
+from visioncare.tasks.evaluate import _Evaluated, external_datasets, validation_rows
 
 TASKS = {"dr": 5, "dme": 3}
 
@@ -81,9 +81,8 @@ def test_group_columns_are_carried_into_records(tmp_path):
 
 def test_missing_group_column_is_one_error_line_naming_file_and_column(tmp_path):
     table = _table(tmp_path)
-    source = CSVTableSource(tmp_path, "labels.csv", group_columns=["site", "clinic"])
-    with pytest.raises(DataValidationError) as caught:
-        source.load()
+    with pytest.raises(DataValidationError) as caught:  # at construction: before any work
+        CSVTableSource(tmp_path, "labels.csv", group_columns=["site", "clinic"])
     message = user_error_message(caught.value)
     assert message is not None and "\n" not in message
     assert str(table) in message and "'clinic'" in message and "data.group_columns" in message
@@ -248,3 +247,17 @@ def test_reserved_dataset_names_are_refused(name):
 def test_a_dataset_that_is_not_a_data_config_is_refused():
     with pytest.raises(ConfigurationError, match=r"\+data@datasets.x="):
         external_datasets(_eval_cfg("+datasets.x.root=/tmp"))
+
+
+def test_a_multi_source_dataset_gets_a_row_per_source():
+    """data=combined: the validation table lists each source (its `source` subgroup)."""
+    sources = ["idrid", "aptos"]
+    records = [Record(Path(f"{i}.png"), 0, 0, sources[i % 2], str(i)) for i in range(30)]
+    evaluated = _Evaluated({}, EvaluatedSplit("own", records, {}, {}), None, {})
+    metrics = {"test/group/source=aptos/num": 15, "test/group/source=idrid/num": 15}
+    rows = validation_rows(metrics, evaluated, "test")
+    assert rows == [
+        ("own", "test", 30),
+        ("own: aptos", "test/group/source=aptos", 15),
+        ("own: idrid", "test/group/source=idrid", 15),
+    ]

@@ -152,7 +152,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     own = scoring.evaluate(model, datamodule, split, split, own_name)
     metrics = dict(own.metrics)
     parts = [own.part]
-    rows = _table_rows(metrics, own, split, split)
+    rows = validation_rows(metrics, own, split)
     differences = []
     for name, other_module in datamodules.items():
         other_module.prepare_data()
@@ -173,7 +173,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             )
         )
         parts.append(other.part)
-        rows += _table_rows(metrics, other, split, prefix)
+        rows += validation_rows(metrics, other, prefix)
         differences.append((f"{name} − {own_name}", f"{prefix}/diff"))
     sections = []
     if len(rows) > 1:
@@ -265,8 +265,8 @@ def external_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
     return out
 
 
-def _table_rows(
-    metrics: dict, evaluated: _Evaluated, split: str, prefix: str
+def validation_rows(
+    metrics: dict, evaluated: _Evaluated, prefix: str
 ) -> list[tuple[str, str, int]]:
     """The validation table's rows of one dataset: itself, then each of its sources (from the
     source subgroups) when it has several (e.g. `data=combined`)."""

@@ -189,6 +189,10 @@ class CSVTableSource(DatasetSource):
         self.maps = {"dr": normalize_map(dr_map, "dr"), "dme": normalize_map(dme_map, "dme")}
         suffix = image_suffix.strip()
         self.image_suffix = f".{suffix}" if suffix and not suffix.startswith(".") else suffix
+        # Checked when the config is instantiated (a header read), so a misspelt group column
+        # stops eval or training before any image is read; `load` checks again.
+        if self.group_columns and self.table_path.is_file():
+            self._check_group_columns(self.table_path)
 
     @property
     def table_path(self) -> Path:
