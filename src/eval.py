@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: `python src/eval.py ckpt_path=<ckpt> [data=...] [tta=true]`.
+"""Evaluate a checkpoint: `python src/eval.py ckpt_path=<ckpt> [data=...] [tta=true]
+[+data@datasets.<name>=<data config> ...]`.
 
 See conf/eval.yaml and `visioncare.tasks.evaluate`.
 """

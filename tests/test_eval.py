@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from tests.conftest import CONF, ROOT, SYNTHETIC_OVERRIDES
 from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError
-from visioncare.scoring.report import compute_metrics
+from visioncare.scoring.report import _fmt_ci, compute_metrics
 from visioncare.serving.loading import input_spec, load_model
 from visioncare.serving.probabilities import collect_probabilities
 from visioncare.tasks.evaluate import build_datamodule
@@ -78,7 +79,8 @@ def _read_predictions(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     columns = {k: [r[k] for r in rows] for k in rows[0]}
-    out = {k: np.array(v) for k, v in columns.items() if k in ("image", "source", "patient")}
+    text = ("dataset", "image", "source", "patient", "laterality", "site")
+    out = {k: np.array(v) for k, v in columns.items() if k in text}
     for key, values in columns.items():
         if key not in out:
             out[key] = np.array([float(v) for v in values])
@@ -305,6 +307,97 @@ def test_metrics_match_independent_computation(eval_cfg):
     for task in TASKS:
         roc = run / "plots" / f"roc_referable_{task}.png"
         assert roc.is_file() == (metrics[f"test/referable_{task}_auroc"] is not None)
+
+
+def _rows_of(pred: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in pred.items()}
+
+
+@pytest.mark.slow
+def test_external_validation_on_two_difficulty_presets(eval_cfg, tmp_path):
+    """A model trained on the standard synthetic set, evaluated in one call on its own test split
+    and on the moderate and hard presets (a domain shift): every dataset's keys with intervals,
+    one report table with all rows, and every number re-computed from its predictions.csv rows."""
+    presets = {"moderate": "moderate", "hard": "hard"}
+    extra = ["subgroups.min_size=5", "bootstrap.resamples=200"]
+    for name, difficulty in presets.items():
+        extra += [
+            f"+data@datasets.{name}=synthetic",
+            f"datasets.{name}.difficulty={difficulty}",
+            f"datasets.{name}.root={tmp_path / name}",
+            *(o.replace("data.", f"datasets.{name}.") for o in SYNTHETIC_OVERRIDES),
+        ]
+    cfg = eval_cfg(*extra)
+    evaluate(cfg)
+    run = Path(cfg.paths.output_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    pred = _read_predictions(run / "predictions.csv")
+    assert sorted(set(pred["dataset"])) == ["hard", "moderate", "own"]
+    report = (run / "report.md").read_text()
+    table = report.split("## External validation", 1)[1].split("\n## ", 1)[0]
+    headline = ("acc_dr", "qwk_dr", "acc_dme", "referable_dr_auroc", "ece_dr")
+    for name, prefix in (("own", "test"), ("moderate", "moderate/test"), ("hard", "hard/test")):
+        rows = _rows_of(pred, pred["dataset"] == name)
+        assert len(rows["image"]) == 16
+        _check_against_hand(metrics, rows, prefix)
+        _check_calibration(metrics, rows, prefix)
+        cells = [_fmt_ci(metrics, f"{prefix}/{m}") for m in headline if metrics[f"{prefix}/{m}"]]
+        line = next(x for x in table.splitlines() if x.startswith(f"| {name} | 16 |"))
+        assert all(cell in line for cell in cells), (line, cells)
+        for m in ("acc_dr", "qwk_dr", "ece_dr"):
+            low, high = metrics[f"{prefix}/{m}_ci_low"], metrics[f"{prefix}/{m}_ci_high"]
+            assert low - 1e-9 <= metrics[f"{prefix}/{m}"] <= high + 1e-9
+        # The source subgroup holds every row of its dataset (min_size=5 gives it metrics).
+        group = f"{prefix}/group/source=synthetic"
+        assert metrics[f"{group}/num"] == 16
+        assert metrics[f"{group}/acc_dr"] == pytest.approx(metrics[f"{prefix}/acc_dr"])
+        if name == "own":
+            continue
+        for m in ("acc_dr", "qwk_dr", "ece_dr"):
+            diff = metrics[f"{prefix}/diff/{m}"]
+            assert diff == pytest.approx(metrics[f"{prefix}/{m}"] - metrics[f"test/{m}"])
+            assert metrics[f"{prefix}/diff/{m}_ci_low"] <= diff + 1e-9
+            assert diff - 1e-9 <= metrics[f"{prefix}/diff/{m}_ci_high"]
+        assert f"| {name} − own | {_fmt_ci(metrics, f'{prefix}/diff/acc_dr')} |" in table
+
+
+@pytest.mark.slow
+def test_group_columns_reach_metrics_and_predictions(eval_cfg, tmp_path):
+    """A CSV dataset with a `site` column, evaluated as an external dataset: predictions.csv
+    carries the column and each site's metrics equal a recomputation from its rows."""
+    own = tmp_path / "own"
+    evaluate(eval_cfg())
+    shutil.move(tmp_path / "run", own)
+    scored = _read_predictions(own / "predictions.csv")
+    lines = ["image,dr,dme,split,site"]
+    for i, image in enumerate(scored["image"]):
+        dr, dme = int(scored["dr_true"][i]), int(scored["dme_true"][i])
+        lines.append(f"{image},{dr},{dme},test,{'north' if i % 2 else 'south'}")
+    # Every dataset needs a training split (validate_records), even one evaluated only.
+    train_image = next(Path(scored["image"][0]).parents[1].glob("a. Training Set/*.jpg"))
+    lines.append(f"{train_image},0,0,train,south")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    cfg = eval_cfg(
+        "+data@datasets.clinic=csv",
+        f"datasets.clinic.root={tmp_path}",
+        "datasets.clinic.split_column=split",
+        "datasets.clinic.group_columns=[site]",
+        "subgroups.min_size=8",
+        "bootstrap.resamples=100",
+    )
+    evaluate(cfg)
+    run = Path(cfg.paths.output_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    pred = _read_predictions(run / "predictions.csv")
+    for site in ("north", "south"):
+        rows = _rows_of(pred, (pred["dataset"] == "clinic") & (pred["site"] == f"{site}"))
+        prefix = f"clinic/test/group/site={site}"
+        assert metrics[f"{prefix}/num"] == len(rows["image"]) == 8
+        y, p = rows["dr_true"].astype(int), rows["dr_pred"].astype(int)
+        assert metrics[f"{prefix}/acc_dr"] == pytest.approx(float((y == p).mean()))
+        assert metrics[f"{prefix}/qwk_dr"] == pytest.approx(_qwk(_confusion(y, p, 5)), abs=1e-4)
+        assert metrics[f"{prefix}/acc_dr_ci_low"] <= metrics[f"{prefix}/acc_dr"] + 1e-9
+    assert "| site=north | 8 |" not in (run / "report.md").read_text()  # own data's subgroups only
 
 
 @pytest.mark.slow

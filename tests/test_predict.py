@@ -150,7 +150,11 @@ def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     photo = cv2.resize(data.retina(), (300, 300), interpolation=cv2.INTER_AREA)
     folder = tmp_path / "clinic"
     folder.mkdir()
-    write_dicom(folder / "op_rgb.dcm", photo)
+    import pydicom
+
+    camera = pydicom.dcmread(write_dicom(folder / "op_rgb.dcm", photo))
+    camera.Manufacturer, camera.ManufacturerModelName = "Topcon", "TRC-NW400"
+    camera.save_as(folder / "op_rgb.dcm")
     write_dicom(folder / "no_image.dcm", None)
     cv2.imwrite(str(folder / "photo.jpg"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
     dark = (photo * 0.15).astype(np.uint8)
@@ -170,3 +174,6 @@ def test_folder_mixing_dicom_jpeg_png_predicts_each(tmp_path, trained):
     assert rows["op_rgb.dcm"]["gradable"] == "true" and rows["photo.jpg"]["gradable"] == "true"
     assert rows["dark.png"]["gradable"] == "false"
     assert rows["no_image.dcm"]["gradable"] == ""
+    # The camera from the DICOM header (a subgroup column); other files do not name one.
+    assert rows["op_rgb.dcm"]["camera"] == "Topcon TRC-NW400"
+    assert rows["no_image.dcm"]["camera"] == "unknown" and rows["photo.jpg"]["camera"] == ""

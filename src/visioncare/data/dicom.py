@@ -10,12 +10,15 @@ it has a handler for (JPEG baseline through Pillow; JPEG-LS, JPEG 2000 and lossl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_MAGIC = b"DICM"
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# The camera of a photograph, for subgroup reports (eval) and predict's `camera` column.
+CAMERA_TAGS = ("Manufacturer", "ManufacturerModelName")
 
 
 class DicomError(ValueError):
@@ -28,22 +31,37 @@ def is_dicom(path: Path, head: bytes) -> bool:
     return magic == DICOM_MAGIC or path.suffix.lower() in (".dcm", ".dicom")
 
 
-def dicom_identity(path: Path) -> tuple[str, str]:
-    """(PatientID, ImageLaterality as ``L``/``R``) from a DICOM header; "" where absent.
+class DicomIdentity(NamedTuple):
+    """What a DICOM header says about a photograph; "" where a tag is absent."""
+
+    patient: str
+    laterality: str  # L or R
+    camera: str  # Manufacturer and ManufacturerModelName, space-joined
+
+
+def dicom_identity(path: Path) -> DicomIdentity:
+    """PatientID, ImageLaterality (``L``/``R``) and the camera from a DICOM header.
 
     Reads the header only (no pixel data), so a dataset of 20 MB camera exports is identified in
-    milliseconds per file. Anything unreadable gives ("", ""): decoding errors are reported by
-    the image check, not here.
+    milliseconds per file. Anything unreadable gives empty fields: decoding errors are reported
+    by the image check, not here.
     """
     import pydicom
 
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # unreadable headers are the image check's to report
-        return "", ""
+        return DicomIdentity("", "", "")
     patient = str(dataset.get("PatientID", "") or "").strip()
     side = str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or "")
-    return patient, side.strip().upper() if side.strip().upper() in ("L", "R") else ""
+    side = side.strip().upper()
+    return DicomIdentity(patient, side if side in ("L", "R") else "", dicom_camera(dataset))
+
+
+def dicom_camera(dataset: object) -> str:
+    """``Manufacturer ManufacturerModelName`` of a read header (either may be absent)."""
+    parts = (str(getattr(dataset, tag, "") or "").strip() for tag in CAMERA_TAGS)
+    return " ".join(p for p in parts if p)
 
 
 def read_dicom(path: Path) -> np.ndarray:

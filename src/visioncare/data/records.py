@@ -28,6 +28,9 @@ class Record:
         patient: id of the person photographed, unique within the source ("" = unknown: the
             image is treated as its own patient). Splits never separate a patient's images.
         laterality: ``L`` or ``R`` where known, else "".
+        groups: (column, value) pairs of the subgroups the data names for this image: the
+            columns of `data.group_columns` (CSV tables) and ``camera`` (DICOM header), in that
+            order; eval reports metrics per value, predictions.csv carries them.
     """
 
     image: Path
@@ -37,6 +40,7 @@ class Record:
     key: str
     patient: str = ""
     laterality: str = ""
+    groups: tuple[tuple[str, str], ...] = ()
 
     @property
     def group(self) -> str:
@@ -140,21 +144,22 @@ _LATERALITY = {"left": "L", "os": "L", "right": "R", "od": "R"}
 
 
 def with_dicom_identity(records: Sequence[Record]) -> list[Record]:
-    """Records of DICOM files get the header's PatientID and ImageLaterality where unknown.
+    """Records of DICOM files get the header's PatientID and ImageLaterality where unknown, and
+    the camera (``Manufacturer ManufacturerModelName``) as the ``camera`` group.
 
     A clinic's camera export names its files by UID, not ``10_left``; the header says whose eye
-    it is, so splits keep that patient's eyes together like any other source's.
+    it is, so splits keep that patient's eyes together like any other source's. A DICOM without
+    camera tags is in the group ``unknown``, so every DICOM image has a camera value.
     """
     out = []
     for record in records:
-        if record.image.suffix.lower() in (".dcm", ".dicom") and not (
-            record.patient and record.laterality
-        ):
-            patient, laterality = dicom_identity(record.image)
+        if record.image.suffix.lower() in (".dcm", ".dicom"):
+            identity = dicom_identity(record.image)
             record = replace(
                 record,
-                patient=record.patient or patient,
-                laterality=record.laterality or laterality,
+                patient=record.patient or identity.patient,
+                laterality=record.laterality or identity.laterality,
+                groups=(*record.groups, ("camera", identity.camera or "unknown")),
             )
         out.append(record)
     return out

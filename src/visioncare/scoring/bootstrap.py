@@ -258,6 +258,40 @@ def point_metrics(outcomes: Outcomes) -> dict[str, float | None]:
     return {k: None if np.isnan(v[0]) else float(v[0]) for k, v in values.items()}
 
 
+def bootstrap_samples(
+    outcomes: Outcomes,
+    units: Sequence[str] | None,
+    resamples: int,
+    seed: int,
+    names: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """`weighted_metrics` of ``resamples`` seeded draws of ``units`` (None = the images): one
+    value per draw and metric (NaN where undefined in that draw). ``names``: default
+    `CI_METRICS`."""
+    if resamples < 1:
+        raise ValueError(f"bootstrap resamples must be >= 1, got {resamples}")
+    if units is None:
+        num_units, unit_of = len(outcomes), np.arange(len(outcomes))
+    else:
+        # Unit k is the k-th patient id in sorted order (what `resample_indices` draws).
+        index = {u: i for i, u in enumerate(sorted(set(units)))}
+        num_units, unit_of = len(index), np.array([index[u] for u in units])
+    draws = resample_indices(num_units, resamples, seed)
+    counts = np.stack([np.bincount(row, minlength=num_units) for row in draws]).astype(float)
+    values = weighted_metrics(outcomes, counts[:, unit_of])
+    return {name: values[name] for name in (CI_METRICS if names is None else names)}
+
+
+def percentile_interval(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    """The central ``level`` percentile interval of the defined (non-NaN) samples."""
+    finite = samples[~np.isnan(samples)]
+    if finite.size == 0:
+        return None, None
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_intervals(
     outcomes: Outcomes,
     units: Sequence[str] | None,
@@ -279,27 +313,34 @@ def bootstrap_intervals(
     A draw where a metric is undefined (e.g. no referable case drawn) is left out of that
     metric's percentiles; a metric undefined in every draw gets (None, None).
     """
-    if resamples < 1:
-        raise ValueError(f"bootstrap resamples must be >= 1, got {resamples}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap level must be in (0, 1), got {level}")
-    if units is None:
-        num_units, unit_of = len(outcomes), np.arange(len(outcomes))
-    else:
-        # Unit k is the k-th patient id in sorted order (what `resample_indices` draws).
-        index = {u: i for i, u in enumerate(sorted(set(units)))}
-        num_units, unit_of = len(index), np.array([index[u] for u in units])
-    draws = resample_indices(num_units, resamples, seed)
-    counts = np.stack([np.bincount(row, minlength=num_units) for row in draws]).astype(float)
-    values = weighted_metrics(outcomes, counts[:, unit_of])
-    values = {name: values[name] for name in (CI_METRICS if names is None else names)}
-    tail = 100 * (1 - level) / 2
-    intervals: dict[str, tuple[float | None, float | None]] = {}
-    for name, samples in values.items():
-        finite = samples[~np.isnan(samples)]
-        if finite.size == 0:
-            intervals[name] = (None, None)
-        else:
-            low, high = np.percentile(finite, [tail, 100 - tail])
-            intervals[name] = (float(low), float(high))
-    return intervals
+    samples = bootstrap_samples(outcomes, units, resamples, seed, names)
+    return {name: percentile_interval(values, level) for name, values in samples.items()}
+
+
+def difference_intervals(
+    first: tuple[Outcomes, Sequence[str] | None],
+    second: tuple[Outcomes, Sequence[str] | None],
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+    names: Sequence[str] | None = None,
+) -> dict[str, tuple[float | None, float | None, float | None]]:
+    """(point, low, high) of ``second`` − ``first`` per metric: an unpaired bootstrap.
+
+    Two different datasets share no images, so each is resampled on its own (``(outcomes,
+    units)`` as in `bootstrap_intervals`, independent seeds) and the percentile interval is
+    taken over the differences of the k-th draws. Undefined on either side: None.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap level must be in (0, 1), got {level}")
+    a = bootstrap_samples(*first, resamples, seed, names)
+    b = bootstrap_samples(*second, resamples, seed + 1, names)
+    point_a, point_b = point_metrics(first[0]), point_metrics(second[0])
+    out: dict[str, tuple[float | None, float | None, float | None]] = {}
+    for name in a:
+        pa, pb = point_a.get(name), point_b.get(name)
+        point = None if pa is None or pb is None else pb - pa
+        out[name] = (point, *percentile_interval(b[name] - a[name], level))
+    return out

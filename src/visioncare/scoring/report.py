@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from visioncare.scoring.bootstrap import (
     ECE_BINS,
     Outcomes,
     bootstrap_intervals,
+    difference_intervals,
     interval_names,
     outcomes_from_probs,
     patient_outcomes,
@@ -169,15 +171,25 @@ def uncalibrated_metrics(
 SUBGROUP_COLUMNS = ("acc_dr", "acc_dme", "qwk_dr", "referable_dr_auroc", "ece_dr")
 
 
+def data_groups(records: list) -> dict[str, list[str]]:
+    """The groupings the data names (`Record.groups`: `data.group_columns`, the DICOM camera),
+    column → each image's value; an image without the column is in ``unknown``. Columns in
+    order of first appearance."""
+    columns = list(dict.fromkeys(column for r in records for column, _ in r.groups))
+    values = [dict(r.groups) for r in records]
+    return {c: [v.get(c, "unknown") for v in values] for c in columns}
+
+
 def groupings(records: list, gradable: list[bool] | None = None) -> dict[str, list[str]]:
     """Each grouping the records provide (column → each image's value): the source dataset
-    always, laterality where any image has one (unknown eyes form the group ``unknown``), and
-    the gradable verdict where it was measured."""
+    always, laterality where any image has one (unknown eyes form the group ``unknown``), the
+    gradable verdict where it was measured, and the data's own (`data_groups`)."""
     out = {"source": [r.source for r in records]}
     if any(r.laterality for r in records):
         out["laterality"] = [r.laterality or "unknown" for r in records]
     if gradable is not None:
         out["gradable"] = [str(g).lower() for g in gradable]
+    out.update(data_groups(records))
     return out
 
 
@@ -254,6 +266,68 @@ def gradable_metrics(
     return subset_metrics(outcomes, patients, mask, f"{split}/gradable", 1, resamples, seed, level)
 
 
+# The external-validation table's columns (report.md): the headline metrics, with intervals.
+VALIDATION_COLUMNS = (
+    "acc_dr",
+    "qwk_dr",
+    "acc_dme",
+    "referable_dr_auroc",
+    "referable_dr_sensitivity",
+    "referable_dr_specificity",
+    "ece_dr",
+)
+
+
+def difference_metrics(
+    reference: Outcomes,
+    reference_patients: list[str],
+    other: Outcomes,
+    other_patients: list[str],
+    prefix: str,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """``other`` − ``reference`` of every interval metric, keys ``{prefix}/{name}`` with
+    ``_ci_low``/``_ci_high``: an unpaired bootstrap (`bootstrap.difference_intervals`; each side
+    resamples its own patients, or images where patients are unknown)."""
+    units = [p if _shares_patients(p) else None for p in (reference_patients, other_patients)]
+    names = interval_names(reference)
+    out: dict[str, Any] = {}
+    for name, (point, low, high) in difference_intervals(
+        (reference, units[0]), (other, units[1]), resamples, seed, level, names
+    ).items():
+        key = f"{prefix}/{name}"
+        out[key], out[f"{key}_ci_low"], out[f"{key}_ci_high"] = point, low, high
+    return out
+
+
+def validation_section(
+    metrics: dict[str, Any],
+    rows: list[tuple[str, str, int]],
+    differences: list[tuple[str, str]],
+    note: str,
+) -> list[str]:
+    """report.md's external-validation table: one row per dataset (``(label, key prefix,
+    images)``; a prefix without metrics shows "too few images"), then the differences to the
+    reference row (``(label, key prefix)``), every cell ``value [low, high]``."""
+    head = "| dataset | n | " + " | ".join(VALIDATION_COLUMNS) + " |"
+    rule = "|---" * (len(VALIDATION_COLUMNS) + 2) + "|"
+    lines = ["", "## External validation", "", note, "", head, rule]
+    for label, prefix, count in rows:
+        shown = [_fmt_ci(metrics, f"{prefix}/{m}") for m in VALIDATION_COLUMNS]
+        if f"{prefix}/acc_dr" not in metrics:
+            shown = ["(too few images)"] + [""] * (len(VALIDATION_COLUMNS) - 1)
+        lines.append(f"| {label} | {count} | " + " | ".join(shown) + " |")
+    if differences:
+        lines += ["", "Difference to the reference row (dataset − reference):", ""]
+        lines += [head.replace("| n |", "|"), "|---" * (len(VALIDATION_COLUMNS) + 1) + "|"]
+        for label, prefix in differences:
+            shown = [_fmt_ci(metrics, f"{prefix}/{m}") for m in VALIDATION_COLUMNS]
+            lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def _shares_patients(patients: list[str]) -> bool:
     """Whether some images share a patient (otherwise per-patient equals per-image)."""
     return len(set(patients)) < len(patients)
@@ -267,36 +341,49 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
-def write_split_predictions(
-    path: Path,
-    records: list,
-    probs: dict[str, Tensor],
-    targets: dict[str, Tensor],
-    uncalibrated: dict[str, Tensor] | None = None,
-) -> None:
-    """predictions.csv of the evaluated split: image, source, patient, true/predicted grades and
-    every probability (the clinic CSV of predict.py is `serving.predictor.write_predictions`).
+@dataclass
+class EvaluatedSplit:
+    """One evaluated dataset's rows of predictions.csv: its name, records and probabilities."""
+
+    dataset: str
+    records: list
+    probs: dict[str, Tensor]
+    targets: dict[str, Tensor]
+    uncalibrated: dict[str, Tensor] | None = None
+
+
+def write_split_predictions(path: Path, parts: list[EvaluatedSplit]) -> None:
+    """predictions.csv of the evaluated datasets: dataset, image, source, patient, laterality,
+    the data's group columns (`data_groups`), true/predicted grades and every probability (the
+    clinic CSV of predict.py is `serving.predictor.write_predictions`).
 
     ``probs`` are the calibrated probabilities (what predict.py writes); ``uncalibrated``, when
-    given, adds the raw ones as ``{task}_prob_{k}_uncalibrated`` so every reported number,
-    calibrated or not, can be recomputed from this file alone.
+    given, adds the raw ones as ``{task}_prob_{k}_uncalibrated``, so every reported number,
+    calibrated or not, per dataset or subgroup, can be recomputed from this file alone.
     """
-    columns = ["image", "source", "patient", "dr_true", "dme_true", "dr_pred", "dme_pred"]
+    group_columns = list(dict.fromkeys(c for part in parts for c in data_groups(part.records)))
+    raw = any(part.uncalibrated is not None for part in parts)
+    columns = ["dataset", "image", "source", "patient", "laterality", *group_columns]
+    columns += ["dr_true", "dme_true", "dr_pred", "dme_pred"]
     columns += [f"{t}_prob_{k}" for t, n in TASKS.items() for k in range(n)]
-    if uncalibrated is not None:
+    if raw:
         columns += [f"{t}_prob_{k}_uncalibrated" for t, n in TASKS.items() for k in range(n)]
-    preds = {t: p.argmax(dim=1) for t, p in probs.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
-        for i, record in enumerate(records):
-            row = [str(record.image), record.source, record.patient]
-            row += [int(targets["dr"][i]), int(targets["dme"][i])]
-            row += [int(preds["dr"][i]), int(preds["dme"][i])]
-            row += [float(v) for t in TASKS for v in probs[t][i].tolist()]
-            if uncalibrated is not None:
-                row += [float(v) for t in TASKS for v in uncalibrated[t][i].tolist()]
-            writer.writerow(row)
+        for part in parts:
+            preds = {t: p.argmax(dim=1) for t, p in part.probs.items()}
+            for i, record in enumerate(part.records):
+                groups = dict(record.groups)
+                row = [part.dataset, str(record.image), record.source, record.patient]
+                row += [record.laterality, *(groups.get(c, "unknown") for c in group_columns)]
+                row += [int(part.targets["dr"][i]), int(part.targets["dme"][i])]
+                row += [int(preds["dr"][i]), int(preds["dme"][i])]
+                row += [float(v) for t in TASKS for v in part.probs[t][i].tolist()]
+                if raw:
+                    uncalibrated = part.uncalibrated or part.probs
+                    row += [float(v) for t in TASKS for v in uncalibrated[t][i].tolist()]
+                writer.writerow(row)
 
 
 def reliability_diagrams(
@@ -371,13 +458,20 @@ def _fmt_ci(metrics: dict[str, Any], key: str) -> str:
 
 
 def write_report(
-    path: Path, metrics: dict[str, Any], split: str, facts: dict[str, str], plots: list[Path]
+    path: Path,
+    metrics: dict[str, Any],
+    split: str,
+    facts: dict[str, str],
+    plots: list[Path],
+    sections: list[str] | None = None,
 ) -> None:
-    """report.md: what was evaluated, then the metrics per task as Markdown tables."""
+    """report.md: what was evaluated, ``sections`` (e.g. `validation_section`), then the
+    metrics of the reference dataset per task as Markdown tables."""
     lines = ["# VisionCare evaluation", ""]
     lines += [
         f"- **{k}**: `{v}`" if k == "checkpoint" else f"- **{k}**: {v}" for k, v in facts.items()
     ]
+    lines += sections or []
     header = ["| metric | value [95 % CI] |", "|---|---:|"]
     lines += ["", "## Overall", "", *header]
     for name in ("avg_acc", "joint_acc"):
@@ -443,7 +537,9 @@ def write_report(
         {
             k.split("/")[1]
             for k in metrics
-            if k.count("/") == 2 and k.split("/")[1] not in ("patient", "group", "gradable")
+            if k.startswith(f"{split}/")
+            and k.count("/") == 2
+            and k.split("/")[1] not in ("patient", "group", "gradable")
         }
     )
     if per_source:

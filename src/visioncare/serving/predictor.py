@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from visioncare import TASKS
+from visioncare.data.dicom import dicom_identity
 from visioncare.data.input_spec import InputSpec
 from visioncare.data.preprocess import UnreadableImageError
 from visioncare.data.quality import QualityThresholds
@@ -38,8 +39,17 @@ def csv_columns() -> list[str]:
         "referable_dr",
         "quality",
         "gradable",
+        "camera",
         "error",
     ]
+
+
+def camera_of(path: Path) -> str:
+    """The camera of a DICOM photo (``Manufacturer ManufacturerModelName`` from its header,
+    `unknown` without those tags); "" for other files, which do not say."""
+    if path.suffix.lower() not in (".dcm", ".dicom"):
+        return ""
+    return dicom_identity(path).camera or "unknown"
 
 
 class _ImageFiles(Dataset):
@@ -79,6 +89,7 @@ def _rows(
         row["image"] = str(path)
         row["quality"] = qualities[i]
         row["gradable"] = gradable[i]
+        row["camera"] = camera_of(Path(path))
         row["error"] = errors[i]
         if not errors[i]:
             for task, p in probs.items():

@@ -29,9 +29,18 @@ Written to the run directory (`paths.output_dir`):
   resampled where known) of every headline and calibration metric as `<key>_ci_low` /
   `<key>_ci_high`. Point values and intervals come from one function
   (`visioncare.scoring.bootstrap.weighted_metrics`).
-- `predictions.csv`: one row per image (patient id where known, true and predicted grades, the
-  calibrated probabilities `{t}_prob_{k}` and the raw `{t}_prob_{k}_uncalibrated`), so every
-  number above can be re-computed independently.
+  Subgroups also come from the data itself (`Record.groups`): `data.group_columns` of a CSV
+  table and the DICOM `camera`.
+- External validation (`datasets`: name → data config, `+data@datasets.<name>=<config>`): each
+  dataset's split is evaluated the same way (the checkpoint's preprocessing and temperatures),
+  every key above again as `<name>/<split>/...`, and `<name>/<split>/diff/<metric>` (with
+  intervals) is its difference to the first row (the checkpoint's own data, or `data=`): an
+  unpaired bootstrap, each dataset resampling its own patients. report.md opens with one table,
+  a row per dataset (and per source of a multi-source dataset).
+- `predictions.csv`: one row per image and dataset (`dataset` = `own`, `data=`'s source name or
+  the `datasets` name; patient id and laterality where known; the data's group columns; true
+  and predicted grades, the calibrated probabilities `{t}_prob_{k}` and the raw
+  `{t}_prob_{k}_uncalibrated`), so every number above can be re-computed independently.
 - `report.md`, `plots/confusion_{t}.png`, `plots/reliability_{t}.png`,
   `plots/roc_referable_{t}.png` (also as images in a TensorBoard event file in the run directory,
   so `make tensorboard` shows them), and a printed table.
@@ -40,10 +49,13 @@ Written to the run directory (`paths.output_dir`):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from visioncare import TASKS
@@ -55,22 +67,23 @@ from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.runs.resume import resolve_ckpt_path
 from visioncare.runs.splits import check_splits
-from visioncare.scoring.bootstrap import (
-    outcomes_from_probs,
-)
+from visioncare.scoring.bootstrap import Outcomes, outcomes_from_probs
 from visioncare.scoring.calibration import calibrate
 from visioncare.scoring.referral import (
     REFERABLE_FROM,
     threshold_for,
 )
 from visioncare.scoring.report import (
+    EvaluatedSplit,
     _has_patients,
     compute_metrics,
+    difference_metrics,
     gradable_metrics,
     print_table,
     subgroup_metrics,
     uncalibrated_metrics,
     uncertainty_metrics,
+    validation_section,
     write_eval_plots,
     write_metrics_json,
     write_report,
@@ -85,7 +98,8 @@ log = logging.getLogger("visioncare")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate `cfg.ckpt_path` on `cfg.split`; write the report; return the scalar metrics."""
+    """Evaluate `cfg.ckpt_path` on `cfg.split` of its data and of every `cfg.datasets` entry;
+    write the report; return the scalar metrics."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ConfigurationError(
             "ckpt_path is required: python src/eval.py ckpt_path=<run>/checkpoints/best.ckpt"
@@ -94,6 +108,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     split = str(cfg.get("split", "test"))
+    external = external_datasets(cfg)
 
     check_int_at_least(cfg.batch_size, "batch_size")
     check_int_at_least(cfg.num_workers, "num_workers", minimum=0)
@@ -105,10 +120,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"bootstrap.level={level!r} is not allowed; give the intervals' coverage as a "
             "fraction in (0, 1), e.g. 0.95"
         )
+    min_size = check_int_at_least(
+        (cfg.get("subgroups") or {}).get("min_size", 20), "subgroups.min_size", minimum=0
+    )
     device = str(resolve_device(str(cfg.get("device", "auto"))))
     trainer_device(device)  # a device the Trainer cannot run on fails before any data work
     model, config = load_model(ckpt_path, device=device)
     spec = input_spec(model)
+    # Every dataset's config is instantiated (and so checked) before any image is read.
+    datamodules = {name: datamodule_for(cfg, data, spec) for name, data in external.items()}
     datamodule = build_datamodule(cfg, config, spec)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -116,40 +136,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("data") is None:
         check_splits(Path(ckpt_path).resolve().parents[1], datamodule.splits)
     # ---
-    if split not in datamodule.datasets:
-        raise ConfigurationError(
-            f"split={split!r}: dataset '{datamodule.source.name}' has the splits "
-            f"{sorted(datamodule.datasets)}"
-        )
-    log.info(
-        "Evaluating %s on %s/%s (%s)", ckpt_path, datamodule.source.name, split, datamodule.sizes()
-    )
-
-    dataset = datamodule.datasets[split]
-    # Always the evaluation transform (the train split's own one augments).
-    dataset.transform = build_eval_transform(spec.image_size, spec.mean, spec.std)
-    loader = DataLoader(
-        dataset,
-        batch_size=int(cfg.batch_size),
-        shuffle=False,
-        num_workers=int(cfg.num_workers),
-        pin_memory=device.startswith("cuda"),
-    )
-    probs, targets, source_ids = collect_probabilities(
-        model, loader, device, tta=bool(cfg.get("tta", False)), progress=True
-    )
-    records = datamodule.splits[split]
-    names = datamodule.source_names
-    # Calibrated probabilities are what predict.py reports; the raw ones are kept for the
-    # before/after calibration measures and predictions.csv.
     temperatures = getattr(model, "temperatures", None)
     if not temperatures:
         log.warning(
             "%s has no stored temperature; calibrated metrics equal the uncalibrated ones",
             ckpt_path,
         )
-    raw_probs = probs
-    probs = calibrate(raw_probs, temperatures)
     thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
     if not model.operating_points:
         log.warning(
@@ -158,57 +150,53 @@ def run(cfg: DictConfig) -> dict[str, float]:
             ckpt_path,
             thresholds["dr"],
         )
+    scoring = _Scoring(cfg, spec, thresholds, resamples, level, min_size, device)
+    own_name = "own" if cfg.get("data") is None else datamodule.source.name
+    own = scoring.evaluate(model, datamodule, split, split, own_name)
+    metrics = dict(own.metrics)
+    parts = [own.part]
+    rows = validation_rows(metrics, own, split)
+    differences = []
+    for name, other_module in datamodules.items():
+        other_module.prepare_data()
+        other_module.setup("test")
+        prefix = f"{name}/{split}"
+        other = scoring.evaluate(model, other_module, split, prefix, name)
+        metrics.update(other.metrics)
+        metrics.update(
+            difference_metrics(
+                own.outcomes,
+                [r.group for r in own.part.records],
+                other.outcomes,
+                [r.group for r in other.part.records],
+                f"{prefix}/diff",
+                resamples,
+                scoring.seed,
+                level,
+            )
+        )
+        parts.append(other.part)
+        rows += validation_rows(metrics, other, prefix)
+        differences.append((f"{name} − {own_name}", f"{prefix}/diff"))
+    sections = []
+    if len(rows) > 1:
+        note = (
+            f"The {split} split of each dataset, evaluated with this checkpoint's preprocessing "
+            f"and calibrated probabilities; keys `<dataset>/{split}/...` in metrics.json (the "
+            f"first row: `{split}/...`; a dataset's sources: `.../group/source=<name>/...`). "
+            "Intervals: percentile bootstrap of each dataset's own patients (images where "
+            "unknown); differences: unpaired bootstrap, each dataset resampled independently."
+        )
+        sections = validation_section(metrics, rows, differences, note)
 
-    metrics = compute_metrics(probs, targets, source_ids, names, split, thresholds)
-    outcomes = outcomes_from_probs(
-        {t: p.numpy() for t, p in probs.items()},
-        {t: v.numpy() for t, v in targets.items()},
-        thresholds,
-    )
-    seed = int(bootstrap.get("seed", 0))
-    metrics.update(
-        uncertainty_metrics(
-            outcomes, [r.group for r in records], split, resamples=resamples, seed=seed, level=level
-        )
-    )
-    metrics.update(
-        uncalibrated_metrics(
-            raw_probs,
-            targets,
-            [r.group for r in records],
-            split,
-            resamples=resamples,
-            seed=seed,
-            level=level,
-        )
-    )
-    min_size = check_int_at_least(
-        (cfg.get("subgroups") or {}).get("min_size", 20), "subgroups.min_size", minimum=0
-    )
-    # The photos' gradable verdict, as predict.py judges it (the cache keeps pixels only).
-    gradable = gradable_flags(
-        [r.image for r in records],
-        spec.preprocess,
-        QualityThresholds.from_config(cfg.get("quality")),
-        num_workers=max(1, int(cfg.num_workers)),
-    )
-    metrics.update(gradable_metrics(outcomes, records, gradable, split, resamples, seed, level))
-    metrics.update(
-        subgroup_metrics(
-            outcomes,
-            records,
-            split,
-            min_size=min_size,
-            resamples=resamples,
-            seed=seed,
-            level=level,
-            gradable=gradable,
-        )
-    )
     write_metrics_json(output_dir / "metrics.json", metrics)
-    write_split_predictions(output_dir / "predictions.csv", records, probs, targets, raw_probs)
-    plots = write_eval_plots(output_dir / "plots", metrics, probs, targets, split, raw_probs)
+    write_split_predictions(output_dir / "predictions.csv", parts)
+    plots = write_eval_plots(
+        output_dir / "plots", metrics, own.part.probs, own.part.targets, split, own.raw_probs
+    )
     write_png_images(output_dir, plots, split)  # TensorBoard's IMAGES tab
+    records = own.part.records
+    names = datamodule.source_names
     write_report(
         output_dir / "report.md",
         metrics,
@@ -219,6 +207,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "dataset": f"{datamodule.source.name} ({', '.join(names)})",
             "split": f"{split} ({len(records)} images)",
             "data sizes": ", ".join(f"{k}={v}" for k, v in datamodule.sizes().items()),
+            **{
+                f"external: {name}": f"{dm.source.name}, {split} ({len(dm.splits[split])} images)"
+                for name, dm in datamodules.items()
+            },
             "input": f"{spec.image_size} px, cache {spec.preprocess.size} px, "
             f"crop_fundus={spec.preprocess.crop_fundus}",
             "tta": "identity + hflip + vflip" if cfg.get("tta") else "off",
@@ -231,8 +223,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             + ("patients" if _has_patients(records) else "images"),
         },
         plots,
+        sections,
     )
     print_table(metrics, split)
+    for name in datamodules:
+        print_table(metrics, f"{name}/{split}")
     log.info("Evaluation written to %s", output_dir)
     return {
         k: float("nan") if v is None else float(v)
@@ -241,20 +236,180 @@ def run(cfg: DictConfig) -> dict[str, float]:
     }
 
 
+# Dataset names that would read as a split or clash with the report's own key prefixes.
+_RESERVED_NAMES = ("train", "val", "test", "own", "group", "patient", "gradable", "diff")
+
+
+def external_datasets(cfg: DictConfig) -> dict[str, DictConfig]:
+    """`cfg.datasets` (name → data config), checked before any work: each entry must be a data
+    config (``+data@datasets.<name>=<config>``) under a name usable as a key prefix."""
+    datasets = cfg.get("datasets")
+    if datasets is None or (isinstance(datasets, DictConfig) and not datasets):
+        return {}
+    if not isinstance(datasets, DictConfig):
+        raise ConfigurationError(
+            f"datasets must map names to data configs, got {datasets!r}; add one with "
+            "+data@datasets.<name>=<data config>, e.g. +data@datasets.aptos=aptos"
+        )
+    out: dict[str, DictConfig] = {}
+    for name, data in datasets.items():
+        name = str(name)
+        if not name or "/" in name or "=" in name or name in _RESERVED_NAMES:
+            raise ConfigurationError(
+                f"datasets.{name}: a dataset name must be non-empty, without '/' or '=', and "
+                f"none of {list(_RESERVED_NAMES)}"
+            )
+        if not isinstance(data, DictConfig) or "_target_" not in data:
+            raise ConfigurationError(
+                f"datasets.{name} is not a data config; add it with "
+                f"+data@datasets.{name}=<data config> (e.g. synthetic, aptos, csv) and set its "
+                f"keys as datasets.{name}.root=..."
+            )
+        out[name] = data
+    return out
+
+
+def validation_rows(
+    metrics: dict, evaluated: _Evaluated, prefix: str
+) -> list[tuple[str, str, int]]:
+    """The validation table's rows of one dataset: itself, then each of its sources (from the
+    source subgroups) when it has several (e.g. `data=combined`)."""
+    name = evaluated.part.dataset
+    rows = [(name, prefix, len(evaluated.part.records))]
+    sources = sorted({r.source for r in evaluated.part.records})
+    if len(sources) > 1:
+        for source in sources:
+            group = f"{prefix}/group/source={source}"
+            rows.append((f"{name}: {source}", group, int(metrics[f"{group}/num"])))
+    return rows
+
+
+@dataclass
+class _Evaluated:
+    """One dataset's metrics, its predictions.csv rows, outcomes and raw probabilities."""
+
+    metrics: dict[str, Any]
+    part: EvaluatedSplit
+    outcomes: Outcomes
+    raw_probs: dict[str, Tensor]
+
+
+@dataclass
+class _Scoring:
+    """What every evaluated dataset shares: the preprocessing, thresholds and bootstrap."""
+
+    cfg: DictConfig
+    spec: InputSpec
+    thresholds: dict[str, float]
+    resamples: int
+    level: float
+    min_size: int
+    device: str
+
+    @property
+    def seed(self) -> int:
+        return int((self.cfg.get("bootstrap") or {}).get("seed", 0))
+
+    def evaluate(
+        self,
+        model: Any,
+        datamodule: FundusDataModule,
+        split: str,
+        prefix: str,
+        name: str,
+    ) -> _Evaluated:
+        """Probabilities of ``split`` (calibrated with the model's temperatures) and every
+        metric of the report under the key prefix ``prefix``."""
+        cfg, spec = self.cfg, self.spec
+        if split not in datamodule.datasets:
+            raise ConfigurationError(
+                f"split={split!r}: dataset '{datamodule.source.name}' ({name}) has the splits "
+                f"{sorted(datamodule.datasets)}"
+            )
+        log.info(
+            "Evaluating %s/%s (%s): %s", datamodule.source.name, split, name, datamodule.sizes()
+        )
+        dataset = datamodule.datasets[split]
+        # Always the evaluation transform (the train split's own one augments).
+        dataset.transform = build_eval_transform(spec.image_size, spec.mean, spec.std)
+        loader = DataLoader(
+            dataset,
+            batch_size=int(cfg.batch_size),
+            shuffle=False,
+            num_workers=int(cfg.num_workers),
+            pin_memory=self.device.startswith("cuda"),
+        )
+        raw_probs, targets, source_ids = collect_probabilities(
+            model, loader, self.device, tta=bool(cfg.get("tta", False)), progress=True
+        )
+        records = datamodule.splits[split]
+        # Calibrated probabilities are what predict.py reports; the raw ones are kept for the
+        # before/after calibration measures and predictions.csv.
+        probs = calibrate(raw_probs, getattr(model, "temperatures", None))
+        thresholds, seed, level = self.thresholds, self.seed, self.level
+        metrics = compute_metrics(
+            probs, targets, source_ids, datamodule.source_names, prefix, thresholds
+        )
+        outcomes = outcomes_from_probs(
+            {t: p.numpy() for t, p in probs.items()},
+            {t: v.numpy() for t, v in targets.items()},
+            thresholds,
+        )
+        patients = [r.group for r in records]
+        metrics.update(uncertainty_metrics(outcomes, patients, prefix, self.resamples, seed, level))
+        metrics.update(
+            uncalibrated_metrics(raw_probs, targets, patients, prefix, self.resamples, seed, level)
+        )
+        # The photos' gradable verdict, as predict.py judges it (the cache keeps pixels only).
+        gradable = gradable_flags(
+            [r.image for r in records],
+            spec.preprocess,
+            QualityThresholds.from_config(cfg.get("quality")),
+            num_workers=max(1, int(cfg.num_workers)),
+        )
+        metrics.update(
+            gradable_metrics(outcomes, records, gradable, prefix, self.resamples, seed, level)
+        )
+        metrics.update(
+            subgroup_metrics(
+                outcomes,
+                records,
+                prefix,
+                min_size=self.min_size,
+                resamples=self.resamples,
+                seed=seed,
+                level=level,
+                gradable=gradable,
+            )
+        )
+        part = EvaluatedSplit(name, records, probs, targets, raw_probs)
+        return _Evaluated(metrics, part, outcomes, raw_probs)
+
+
+def _own_data_config(cfg: DictConfig, config: dict) -> DictConfig:
+    """`cfg.data` when given, else the data config stored in the checkpoint."""
+    if cfg.get("data") is not None:
+        return cfg.data
+    if config.get("data"):
+        return OmegaConf.create(config["data"])
+    raise ConfigurationError(
+        "the checkpoint stores no data config; pass the dataset: data=<name> data.root=<dir>"
+    )
+
+
 def build_datamodule(cfg: DictConfig, config: dict, spec: InputSpec) -> FundusDataModule:
-    """The checkpoint's own data config, or `cfg.data`, with the checkpoint's preprocessing.
+    """The checkpoint's own data config (its stored ``config``), or `cfg.data`, with the
+    checkpoint's preprocessing."""
+    return datamodule_for(cfg, _own_data_config(cfg, config), spec)
+
+
+def datamodule_for(cfg: DictConfig, data: DictConfig, spec: InputSpec) -> FundusDataModule:
+    """The datamodule of one data config with the checkpoint's preprocessing.
 
     Batch size, workers and the cache folder are this machine's (the stored cache_dir may point
     at the training machine); preprocessing keys are the checkpoint's so the inputs match.
     """
-    if cfg.get("data") is not None:
-        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
-    elif config.get("data"):
-        data = OmegaConf.create(config["data"])
-    else:
-        raise ConfigurationError(
-            "the checkpoint stores no data config; pass the dataset: data=<name> data.root=<dir>"
-        )
+    data = OmegaConf.create(OmegaConf.to_container(data, resolve=True))
     overrides = {
         "batch_size": int(cfg.batch_size),
         "num_workers": int(cfg.num_workers),

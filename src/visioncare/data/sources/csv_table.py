@@ -16,16 +16,22 @@ absolute path) and one CSV (`data.table`, absolute or relative to root) with
 - optionally a patient column (`patient_column`): rows with the same id are one person's
   images, kept on one side of every split (a table whose own split column separates a patient's
   images is an error); and a laterality column (`laterality_column`: ``L``/``R``, ``left``/
-  ``right``, ``OS``/``OD``, any case; empty = unknown).
+  ``right``, ``OS``/``OD``, any case; empty = unknown);
+- optionally subgroup columns (`group_columns`, e.g. ``[site, camera_model]``): carried into
+  every record (`Record.groups`; an empty cell is ``unknown``), so eval reports metrics per value
+  and predictions.csv lists them. A named column the table lacks is an error before any row is
+  read.
 
 Every bad cell is reported at once, with the file and line. Keys are ``<name>/<image cell>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from pandas import read_csv
 
 from visioncare.data.preprocess import IMAGE_EXTENSIONS as READABLE_EXTENSIONS
 from visioncare.data.records import Record
@@ -51,6 +57,9 @@ SPLIT_NAMES = {
 }
 MAX_GRADE = {"dr": 4, "dme": 2}
 LATERALITY = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
+# Groupings eval builds itself (or `dataset`, predictions.csv's own column); a data column may
+# not take their names.
+RESERVED_GROUPS = ("source", "laterality", "gradable", "camera", "dataset")
 
 Listing = tuple[dict[str, Path], dict[str, Path]]
 
@@ -74,6 +83,41 @@ def normalize_map(mapping: Mapping[Any, Any] | None, task: str) -> dict[str, int
     return normalized
 
 
+def parse_group_columns(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`data.group_columns` as a tuple of column names: a list, or one string (comma-separated
+    names allowed, as typed on a command line); None or empty = no subgroups.
+
+    Names are stripped; an empty name, a repeat, a ``/`` or ``=`` (they delimit metric keys
+    ``test/group/<column>=<value>/...``) or a grouping eval builds itself is an error.
+    """
+    if value is None:
+        return ()
+    names = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str) and not value.strip():
+        return ()
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(
+                f"data.group_columns={value!r}: every entry must be a non-empty column name"
+            )
+        name = name.strip()
+        if "/" in name or "=" in name:
+            raise ConfigurationError(
+                f"data.group_columns: {name!r} contains '/' or '=', which delimit metric keys; "
+                "rename the column"
+            )
+        if name in RESERVED_GROUPS:
+            raise ConfigurationError(
+                f"data.group_columns: {name!r} is a grouping eval builds itself "
+                f"({', '.join(RESERVED_GROUPS)}); rename the column"
+            )
+        if name in out:
+            raise ConfigurationError(f"data.group_columns names {name!r} twice")
+        out.append(name)
+    return tuple(out)
+
+
 class CSVTableSource(DatasetSource):
     """A dataset described by one CSV: column names, label vocabularies and splits configurable.
 
@@ -90,6 +134,7 @@ class CSVTableSource(DatasetSource):
         laterality_column: column with the eye (L/R); None = unknown.
         image_suffix: appended to names without an image extension (e.g. ``.png``).
         name: dataset name used in record keys and per-source metrics.
+        group_columns: columns carried into records as subgroups (`parse_group_columns`).
     """
 
     def __init__(
@@ -106,6 +151,7 @@ class CSVTableSource(DatasetSource):
         laterality_column: str | None = None,
         image_suffix: str = "",
         name: str = "csv",
+        group_columns: str | Sequence[str] | None = (),
     ) -> None:
         super().__init__(root)
         if not name or "/" in name:
@@ -133,9 +179,20 @@ class CSVTableSource(DatasetSource):
         }
         if len(set(self.columns.values())) < len(self.columns):
             raise ConfigurationError(f"data.*_column name the same column twice: {self.columns}")
+        self.group_columns = parse_group_columns(group_columns)
+        taken = sorted(set(self.group_columns) & set(self.columns.values()))
+        if taken:
+            raise ConfigurationError(
+                f"data.group_columns names {taken}, already read as a data.*_column; "
+                "laterality and source are subgroups already"
+            )
         self.maps = {"dr": normalize_map(dr_map, "dr"), "dme": normalize_map(dme_map, "dme")}
         suffix = image_suffix.strip()
         self.image_suffix = f".{suffix}" if suffix and not suffix.startswith(".") else suffix
+        # Checked when the config is instantiated (a header read), so a misspelt group column
+        # stops eval or training before any image is read; `load` checks again.
+        if self.group_columns and self.table_path.is_file():
+            self._check_group_columns(self.table_path)
 
     @property
     def table_path(self) -> Path:
@@ -150,8 +207,10 @@ class CSVTableSource(DatasetSource):
                 f"data.table={self.table!r}: {path} not found "
                 "(a relative path is read from data.root)"
             )
+        self._check_group_columns(path)
+        columns = {**self.columns, **{f"group{i}": c for i, c in enumerate(self.group_columns)}}
         try:
-            frame = read_label_table(path, self.columns)
+            frame = read_label_table(path, columns)
         except DataValidationError as exc:
             if "missing column" not in str(exc):
                 raise
@@ -191,7 +250,15 @@ class CSVTableSource(DatasetSource):
                     )
             image = self._resolve(row.image, listings)
             key = f"{self.name}/{row.image}"
-            record = Record(image, dr, dme, self.name, key, patient, laterality)
+            groups = tuple(
+                (column, "unknown" if is_blank(value) else str(value).strip())
+                for column, value in zip(
+                    self.group_columns,
+                    (cells[f"group{i}"] for i in range(len(self.group_columns))),
+                    strict=True,
+                )
+            )
+            record = Record(image, dr, dme, self.name, key, patient, laterality, groups)
             splits.setdefault(split or "train", []).append(record)
         if "split" in self.columns and not splits["test"] and not problems:
             problems.append(
@@ -203,6 +270,20 @@ class CSVTableSource(DatasetSource):
         if "split" not in self.columns:
             return {"train": splits["train"]}
         return splits
+
+    def _check_group_columns(self, path: Path) -> None:
+        """Each of `data.group_columns` is in the table's header (read alone, before any row)."""
+        if not self.group_columns:
+            return
+        header = [
+            str(c).strip() for c in read_csv(path, nrows=0, dtype=str, encoding="utf-8-sig").columns
+        ]
+        for column in self.group_columns:
+            if column not in header:
+                raise DataValidationError(
+                    f"{path}: data.group_columns names column {column!r}, which this table lacks "
+                    f"(columns: {header}); fix the name or remove it from data.group_columns"
+                )
 
     def _grade(self, value: object, task: str, where: str, problems: list[str]) -> int:
         """A grade from a cell (integer, or text through the task's map); -1 = not graded."""
