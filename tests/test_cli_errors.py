@@ -52,6 +52,8 @@ def _assert_one_error_line(done: subprocess.CompletedProcess, *fragments: str) -
         (["target_sensitivity=85"], ["target_sensitivity=85", "(0, 1]"]),
         # Lightning's MisconfigurationException from the Trainer's constructor.
         (["trainer.max_epochs=-3"], ["trainer: ", "`trainer.max_epochs`", "-1", "-3"]),
+        # Checked against Lightning's accelerator registry before the data is read.
+        (["trainer.accelerator=nope"], ["trainer.accelerator=nope", "auto, cpu, cuda, gpu"]),
         # Found by Hydra while composing, before the task runs.
         (["data.batchsize=8"], ["data.batchsize is not a config key", "+data.batchsize="]),
         (["model=nope"], ["Could not find 'model/nope'", "options in 'model': effv2s", "tiny"]),

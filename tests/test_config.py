@@ -119,6 +119,19 @@ def test_resolved_trainer_config_instantiates_as_is(make_cfg, monkeypatch, nativ
     }  # explicit Lightning values pass through
 
 
+def test_accelerator_names_and_a_missing_gpu_are_configuration_errors(make_cfg, monkeypatch):
+    """Found before any data is read, with the key and the names Lightning knows."""
+    cfg = make_cfg("trainer.accelerator=nope", "logger=none")
+    with pytest.raises(ConfigurationError, match=r"trainer\.accelerator=nope .*auto, cpu, cuda"):
+        accelerator.resolve_trainer_flags(cfg)
+    monkeypatch.setattr(accelerator.torch.cuda, "is_available", lambda: False)
+    for name in ("gpu", "cuda"):
+        with pytest.raises(ConfigurationError, match=f"accelerator={name} but PyTorch sees no"):
+            accelerator.check_accelerator(name)
+    for name in ("auto", "cpu"):
+        accelerator.check_accelerator(name)  # fine without a GPU
+
+
 def test_cudnn_benchmark_defaults_on_for_gpus_only():
     assert accelerator.resolve_benchmark(None, "gpu", deterministic=False) is True
     assert accelerator.resolve_benchmark(None, "gpu", deterministic=True) is None

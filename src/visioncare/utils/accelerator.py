@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, open_dict
+
+from visioncare.errors import ConfigurationError
 
 log = logging.getLogger("visioncare")
 
@@ -45,6 +48,28 @@ def cpu_has_native_bf16() -> bool:
 def uses_gpu(accelerator: str) -> bool:
     """Whether Lightning's accelerator choice lands on a CUDA device."""
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """A `ConfigurationError` naming `trainer.accelerator` for a name Lightning does not know, or
+    for a GPU asked for on a machine without one, before any data is read.
+
+    Lightning reports both only when the Trainer is built, as a plain ValueError/
+    MisconfigurationException; asking its registry keeps the list of names its own.
+    """
+    if not isinstance(accelerator, str):
+        return  # an Accelerator object: Lightning checks it
+    names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+    if accelerator not in names:
+        raise ConfigurationError(
+            f"trainer.accelerator={accelerator} is not an accelerator Lightning knows; "
+            f"use one of {', '.join(names)} (auto picks a GPU when there is one)"
+        )
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"trainer.accelerator={accelerator} but PyTorch sees no CUDA GPU on this machine; "
+            "use trainer.accelerator=auto (or cpu), or check the driver and CUDA_VISIBLE_DEVICES"
+        )
 
 
 def gpu_has_bf16() -> bool:
@@ -111,6 +136,7 @@ def resolve_trainer_flags(cfg: DictConfig) -> dict[str, Any]:
     """
     trainer = cfg.trainer
     accelerator = trainer.get("accelerator", "auto")
+    check_accelerator(accelerator)
     deterministic = trainer.get("deterministic")
     requested = trainer.get("precision", "auto")
     precision = resolve_precision(requested, accelerator)
