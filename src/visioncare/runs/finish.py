@@ -153,10 +153,6 @@ def choose_operating_points(
     return record, diagrams
 
 
-# What the training's test report leaves out, said in the card (eval.py measures it).
-NOT_ASSESSED = "photo quality (gradable) not assessed: eval.py reports the gradable subset"
-
-
 def report_test_split(
     model: Any, datamodule: Any, settings: IntervalSettings
 ) -> dict[str, Any] | None:
@@ -166,7 +162,8 @@ def report_test_split(
     validation. Its calibrated probabilities go through `score_split`, eval's own composition,
     so every key (``test/acc_dr``, ``..._ci_low``, ``test/group/source=x/num``) means what it
     means in eval's metrics.json for this checkpoint. The photos are not read again for their
-    quality verdict (that is eval's job, see `NOT_ASSESSED`). None without test images.
+    quality verdict (`not_assessed`: eval.py reports the gradable subset). None without test
+    images.
     """
     dataset = datamodule.datasets.get("test")
     if dataset is None or len(dataset) == 0:
@@ -197,7 +194,7 @@ def report_test_split(
             "seed": settings.seed,
         },
         "subgroups_min_size": settings.min_size,
-        "not_assessed": NOT_ASSESSED,
+        "not_assessed": ["gradable"],
         # Scalars only (undefined values are None already): the confusion matrices stay in
         # eval's metrics.json.
         "metrics": {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float))},
