@@ -17,6 +17,7 @@ from omegaconf import open_dict
 from tests.conftest import CONF, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
 from visioncare import TASKS
 from visioncare.data.records import Record
+from visioncare.errors import ConfigurationError
 from visioncare.runs.model_card import FILENAME, render_model_card
 from visioncare.scoring.calibration import calibrate
 from visioncare.scoring.evaluation import IntervalSettings, score_split
@@ -224,3 +225,10 @@ def test_training_card_holds_the_test_report_eval_computes(tested_run, cache_dir
             assert evaluated[key] is None, key
         else:
             assert evaluated[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_bad_bootstrap_setting_fails_before_training(make_cfg):
+    with pytest.raises(ConfigurationError, match=r"bootstrap\.level=95\.0 .*\(0, 1\)"):
+        train(make_cfg("bootstrap.level=95.0"))
+    with pytest.raises(ConfigurationError, match=r"subgroups\.min_size=-1"):
+        train(make_cfg("subgroups.min_size=-1"))
