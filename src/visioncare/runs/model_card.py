@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from visioncare import TASKS
 from visioncare.runs.splits import FILENAME as SPLITS_FILENAME
 from visioncare.runs.splits import read_splits
 from visioncare.scoring.report import SUBGROUP_COLUMNS
@@ -72,10 +73,10 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
         "",
     ]
     headline = ["test/avg_acc", "test/joint_acc"]
-    headline += [f"test/{m}_{t}" for t in ("dr", "dme") for m in ("acc", "f1", "qwk")]
-    headline += [f"test/referable_{t}_auroc" for t in ("dr", "dme")]
+    headline += [f"test/{m}_{t}" for t in TASKS for m in ("acc", "f1", "qwk")]
+    headline += [f"test/referable_{t}_auroc" for t in TASKS]
     lines += [*_interval_table(metrics, headline), ""]
-    tasks = [t for t in ("dr", "dme") if f"test/referable_{t}_threshold" in metrics]
+    tasks = [t for t in TASKS if f"test/referable_{t}_threshold" in metrics]
     stored = "chosen on validation" if operating_points else "none stored: 0.5"
     lines += [f"Referable decisions on test at the operating points ({stored}):", ""]
     keys = [
