@@ -2,9 +2,11 @@
 
 In order, on rank 0 only (no other rank waits at a barrier while it works): the per-task
 temperatures and then the referable operating points on the calibrated probabilities, both
-fitted on validation with the best weights (stored in `best.ckpt`), `summary.json` (with the
-`calibration` record), the plots, Grad-CAM overlays, TensorBoard's hparams with the final
-metrics, the loggers flushed and closed, and the printed table.
+fitted on validation with the best weights (stored in `best.ckpt`), the test report of those
+calibrated weights at that operating point (eval's metrics with bootstrap intervals and
+subgroups, `visioncare.scoring.evaluation`), `summary.json` (with the `calibration` and
+`test_report` records), `model_card.md`, the plots, Grad-CAM overlays, TensorBoard's hparams
+with the final metrics, the loggers flushed and closed, and the printed table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from visioncare import TASKS
 from visioncare.runs.model_card import FILENAME as CARD_FILENAME
 from visioncare.runs.model_card import write_model_card
 from visioncare.runs.reproducibility import reproducibility_record
@@ -31,9 +34,11 @@ from visioncare.scoring.calibration import (
     store_calibration,
     temperatures_from,
 )
+from visioncare.scoring.evaluation import IntervalSettings, score_split
 from visioncare.scoring.referral import (
     operating_points,
     store_operating_points,
+    threshold_for,
 )
 from visioncare.scoring.report import reliability_diagrams
 from visioncare.serving.explain import gradcam_examples
@@ -148,6 +153,54 @@ def choose_operating_points(
     return record, diagrams
 
 
+def report_test_split(
+    model: Any, datamodule: Any, settings: IntervalSettings
+) -> dict[str, Any] | None:
+    """summary.json's `test_report`: the test split scored like eval.py scores it.
+
+    ``model`` holds the best weights with the temperatures and operating points just chosen on
+    validation. Its calibrated probabilities go through `score_split`, eval's own composition,
+    so every key (``test/acc_dr``, ``..._ci_low``, ``test/group/source=x/num``) means what it
+    means in eval's metrics.json for this checkpoint. The photos are not read again for their
+    quality verdict (`not_assessed`: eval.py reports the gradable subset). None without test
+    images.
+    """
+    dataset = datamodule.datasets.get("test")
+    if dataset is None or len(dataset) == 0:
+        return None
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
+    raw_probs, targets, source_ids = collect_probabilities(model, loader, model.device)
+    probs = calibrate(raw_probs, model.temperatures)
+    thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
+    records = datamodule.splits["test"]
+    metrics, _ = score_split(
+        probs,
+        raw_probs,
+        targets,
+        source_ids,
+        datamodule.source_names,
+        records,
+        "test",
+        thresholds,
+        settings,
+    )
+    return {
+        "split": "test",
+        "images": len(records),
+        "unit": "patients" if "test/patient/num_patients" in metrics else "images",
+        "bootstrap": {
+            "resamples": settings.resamples,
+            "level": settings.level,
+            "seed": settings.seed,
+        },
+        "subgroups_min_size": settings.min_size,
+        "not_assessed": ["gradable"],
+        # Scalars only (undefined values are None already): the confusion matrices stay in
+        # eval's metrics.json.
+        "metrics": {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float))},
+    }
+
+
 def hparams_metrics(best_metrics: dict[str, float], test_metrics: dict[str, float]) -> dict:
     """`hp/best_val_avg_acc`, `hp/test_avg_acc`, ...: what the HPARAMS tab shows per run."""
     values = {f"best_{k}": v for k, v in best_metrics.items()}
@@ -184,12 +237,16 @@ def report_run(
     calibration = None
     diagrams: list[Path] = []
     card_config: dict = {}
+    tested = None
     if best_path:
         best_model, card_config = load_model(best_path, str(trainer.strategy.root_device))
         method = check_method(cfg.get("calibration", "temperature"))
         calibration, diagrams = choose_operating_points(
             best_model, datamodule, best_path, target_sensitivity, method, output_dir / "plots"
         )
+        if cfg.get("test", True):  # test=false: the test split stays untouched
+            settings = IntervalSettings.from_config(cfg, default_seed=int(cfg.seed))
+            tested = report_test_split(best_model, datamodule, settings)
     summary = write_summary(
         output_dir / "summary.json",
         best_cb.best_epoch if best_cb else -1,
@@ -200,6 +257,7 @@ def report_run(
         trainer_flags(cfg),
         extra={
             "calibration": calibration,
+            "test_report": tested,
             "splits": {"file": FILENAME, "sha256": write_splits(output_dir, datamodule.splits)},
             "reproducibility": reproducibility_record(),
         },

@@ -2,7 +2,9 @@
 
 Every number in the card is read from the run's own records (summary.json, splits.csv, the
 checkpoint's config, operating points and calibration), never typed by hand, so the card cannot
-drift from the model. Training writes it in the run directory; export beside the exported model.
+drift from the model. The test evaluation is summary.json's `test_report` (eval.py's metrics of
+the calibrated best weights, with bootstrap intervals and subgroups, keys as in eval's
+metrics.json). Training writes the card in the run directory; export beside the exported model.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from visioncare import TASKS
 from visioncare.runs.splits import FILENAME as SPLITS_FILENAME
 from visioncare.runs.splits import read_splits
-from visioncare.utils.formatting import fmt_number
+from visioncare.scoring.report import SUBGROUP_COLUMNS
+from visioncare.utils.formatting import fmt_interval, fmt_number
 
 FILENAME = "model_card.md"
 
@@ -35,6 +39,82 @@ def _table(rows: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _interval_table(metrics: Mapping[str, Any], keys: list[str]) -> list[str]:
+    """A `metric | value | 95% interval` table of eval-named ``keys`` (parsed back by tests)."""
+    lines = ["| metric | value | 95% interval |", "| --- | --- | --- |"]
+    for key in keys:
+        interval = fmt_interval(metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high"))
+        value = metrics.get(key)
+        lines.append(
+            f"| {key} | {_number(float('nan') if value is None else value)} | {interval} |"
+        )
+    return lines
+
+
+def _cell(metrics: Mapping[str, Any], key: str) -> str:
+    """`value [low, high]`, or the value alone where it has no interval."""
+    interval = fmt_interval(metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high"))
+    value = _number(metrics.get(key))
+    return value if interval == fmt_interval(None, None) else f"{value} {interval}"
+
+
+def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any] | None) -> list:
+    """The test evaluation of summary.json's `test_report`: headline metrics, the referable
+    decisions at the stored operating points, calibration before/after, subgroups."""
+    metrics = report.get("metrics", {})
+    boot = report.get("bootstrap", {})
+    settings = (
+        f"{boot.get('level', 0.95):.0%} percentile bootstrap, {boot.get('resamples')} resamples "
+        f"of {report.get('unit', 'images')} (seed {boot.get('seed')})"
+    )
+    lines = [
+        f"Test ({report.get('images')} images; best.ckpt with its calibration; keys as in eval's "
+        f"metrics.json; intervals: {settings}):",
+        "",
+    ]
+    headline = ["test/avg_acc", "test/joint_acc"]
+    headline += [f"test/{m}_{t}" for t in TASKS for m in ("acc", "f1", "qwk")]
+    headline += [f"test/referable_{t}_auroc" for t in TASKS]
+    lines += [*_interval_table(metrics, headline), ""]
+    tasks = [t for t in TASKS if f"test/referable_{t}_threshold" in metrics]
+    stored = "chosen on validation" if operating_points else "none stored: 0.5"
+    lines += [f"Referable decisions on test at the operating points ({stored}):", ""]
+    keys = [
+        f"test/referable_{t}_{m}"
+        for t in tasks
+        for m in ("threshold", "sensitivity", "specificity")
+    ]
+    lines += [*_interval_table(metrics, keys), ""]
+    lines += ["Test calibration, before (`_uncalibrated`: raw softmax) and after:", ""]
+    keys = [
+        f"test/{m}_{t}{s}"
+        for t in tasks
+        for m in ("nll", "brier", "ece")
+        for s in ("_uncalibrated", "")
+    ]
+    lines += [*_interval_table(metrics, keys), ""]
+    min_size = report.get("subgroups_min_size")
+    groups = sorted(
+        k.removesuffix("/num")
+        for k in metrics
+        if k.startswith("test/group/") and k.endswith("/num")
+    )
+    lines += [
+        f"Test subgroups (`test/group/<column>=<value>/...`; a group under {min_size} images "
+        "is listed with its count only):",
+        "",
+        "| group | n | " + " | ".join(SUBGROUP_COLUMNS) + " |",
+        "| --- " * (len(SUBGROUP_COLUMNS) + 2) + "|",
+    ]
+    for group in groups:
+        cells = [_cell(metrics, f"{group}/{m}") for m in SUBGROUP_COLUMNS]
+        if f"{group}/acc_dr" not in metrics:
+            cells = [f"count only (< {min_size} images)"] + [""] * (len(SUBGROUP_COLUMNS) - 1)
+        name = group.removeprefix("test/group/")
+        lines.append(f"| {name} | {metrics[f'{group}/num']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _select(config: Mapping[str, Any], dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
@@ -50,6 +130,8 @@ def _data_section(run_dir: Path | None, summary: Mapping[str, Any], config: Mapp
     lines.append(f"- Data module: `{target}`, root `{_select(config, 'data.root')}`")
     sizes = summary.get("data", {})
     lines.append("- Split sizes: " + ", ".join(f"{k} = {v}" for k, v in sizes.items()))
+    digest = (summary.get("splits") or {}).get("sha256")
+    lines.append(f"- {SPLITS_FILENAME} sha256: `{digest or 'not recorded'}`")
     path = run_dir / SPLITS_FILENAME if run_dir else None
     if path is None or not path.is_file():
         lines.append("- Per-image split record: not available")
@@ -129,9 +211,6 @@ def render_model_card(
     best = dict(summary.get("best", {}))
     lines += [f"Validation (best epoch {best.pop('epoch', None)}):", ""]
     lines += [*_table(best), ""]
-    lines += ["Test (best.ckpt):", ""]
-    test = summary.get("test", {})
-    lines += (_table(test) if test else ["No test metrics were recorded for this run."]) + [""]
     lines += ["Referable operating points (chosen on validation, calibrated probabilities):", ""]
     points = {}
     for task, point in (operating_points or {}).items():
@@ -149,13 +228,29 @@ def render_model_card(
     for task, value in (calibration.get("val_nll_after") or {}).items():
         calib_rows[f"{task}/val_nll_after"] = value
     lines += (_table(calib_rows) if calib_rows else ["Not calibrated."]) + [""]
+    # The test split last: scored once, with the operating points and calibration above.
+    test = summary.get("test", {})
+    if summary.get("test_report"):
+        lines += _test_section(summary["test_report"], operating_points)
+    elif test:  # a run from before the test report: Lightning's test loop, no intervals
+        lines += ["Test (best.ckpt, Lightning's test loop, no intervals):", "", *_table(test), ""]
+    else:
+        lines += ["No test evaluation was recorded for this run (test=false).", ""]
     lines += ["## Quality limits", ""]
     lines.append(
         "- Metrics come from the splits above only; other cameras, populations and image "
         "quality may perform worse. Photos flagged not gradable by predict's `quality` / "
         "`gradable` columns should be re-taken, not trusted."
     )
-    lines.append("- Intervals and subgroup results: see eval's metrics.json for this checkpoint.")
+    lines.append(
+        "- The test numbers above cover every test photo: photo quality (gradable) was not "
+        "assessed for them; `python src/eval.py ckpt_path=<this checkpoint>` adds the gradable "
+        "subset, the confusion matrices and predictions.csv."
+    )
+    lines.append(
+        "- A subgroup's interval is wide on few images; groups under the minimum size have no "
+        "metrics at all, and their performance is unknown, not good."
+    )
     lines += ["", "## How to reproduce", ""]
     lines += ["```", command or "python src/train.py", "```", ""]
     lines += ["The full config the run used:", "", "```json"]

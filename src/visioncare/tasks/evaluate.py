@@ -67,8 +67,9 @@ from visioncare.data.transforms import build_eval_transform
 from visioncare.errors import ConfigurationError, check_int_at_least
 from visioncare.runs.resume import resolve_ckpt_path
 from visioncare.runs.splits import check_splits
-from visioncare.scoring.bootstrap import Outcomes, outcomes_from_probs
+from visioncare.scoring.bootstrap import Outcomes
 from visioncare.scoring.calibration import calibrate
+from visioncare.scoring.evaluation import IntervalSettings, score_split
 from visioncare.scoring.referral import (
     REFERABLE_FROM,
     threshold_for,
@@ -76,13 +77,8 @@ from visioncare.scoring.referral import (
 from visioncare.scoring.report import (
     EvaluatedSplit,
     _has_patients,
-    compute_metrics,
     difference_metrics,
-    gradable_metrics,
     print_table,
-    subgroup_metrics,
-    uncalibrated_metrics,
-    uncertainty_metrics,
     validation_section,
     write_eval_plots,
     write_metrics_json,
@@ -112,17 +108,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     check_int_at_least(cfg.batch_size, "batch_size")
     check_int_at_least(cfg.num_workers, "num_workers", minimum=0)
-    bootstrap = cfg.get("bootstrap") or {}
-    resamples = check_int_at_least(bootstrap.get("resamples", 1000), "bootstrap.resamples")
-    level = bootstrap.get("level", 0.95)
-    if not isinstance(level, float) or not 0.0 < level < 1.0:
-        raise ConfigurationError(
-            f"bootstrap.level={level!r} is not allowed; give the intervals' coverage as a "
-            "fraction in (0, 1), e.g. 0.95"
-        )
-    min_size = check_int_at_least(
-        (cfg.get("subgroups") or {}).get("min_size", 20), "subgroups.min_size", minimum=0
-    )
+    settings = IntervalSettings.from_config(cfg)
     device = str(resolve_device(str(cfg.get("device", "auto"))))
     trainer_device(device)  # a device the Trainer cannot run on fails before any data work
     model, config = load_model(ckpt_path, device=device)
@@ -150,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             ckpt_path,
             thresholds["dr"],
         )
-    scoring = _Scoring(cfg, spec, thresholds, resamples, level, min_size, device)
+    scoring = _Scoring(cfg, spec, thresholds, settings, device)
     own_name = "own" if cfg.get("data") is None else datamodule.source.name
     own = scoring.evaluate(model, datamodule, split, split, own_name)
     metrics = dict(own.metrics)
@@ -170,9 +156,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 other.outcomes,
                 [r.group for r in other.part.records],
                 f"{prefix}/diff",
-                resamples,
-                scoring.seed,
-                level,
+                settings.resamples,
+                settings.seed,
+                settings.level,
             )
         )
         parts.append(other.part)
@@ -218,8 +204,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 f"{t.upper()} P(>= {REFERABLE_FROM[t]}) >= {thresholds[t]:.4f}" for t in TASKS
             )
             + ("" if model.operating_points else " (no validation operating point stored)"),
-            "intervals": f"{bootstrap.get('level', 0.95):.0%} percentile bootstrap, "
-            f"{bootstrap.get('resamples', 1000)} resamples of "
+            "intervals": f"{settings.level:.0%} percentile bootstrap, "
+            f"{settings.resamples} resamples of "
             + ("patients" if _has_patients(records) else "images"),
         },
         plots,
@@ -301,14 +287,8 @@ class _Scoring:
     cfg: DictConfig
     spec: InputSpec
     thresholds: dict[str, float]
-    resamples: int
-    level: float
-    min_size: int
+    settings: IntervalSettings
     device: str
-
-    @property
-    def seed(self) -> int:
-        return int((self.cfg.get("bootstrap") or {}).get("seed", 0))
 
     def evaluate(
         self,
@@ -346,20 +326,6 @@ class _Scoring:
         # Calibrated probabilities are what predict.py reports; the raw ones are kept for the
         # before/after calibration measures and predictions.csv.
         probs = calibrate(raw_probs, getattr(model, "temperatures", None))
-        thresholds, seed, level = self.thresholds, self.seed, self.level
-        metrics = compute_metrics(
-            probs, targets, source_ids, datamodule.source_names, prefix, thresholds
-        )
-        outcomes = outcomes_from_probs(
-            {t: p.numpy() for t, p in probs.items()},
-            {t: v.numpy() for t, v in targets.items()},
-            thresholds,
-        )
-        patients = [r.group for r in records]
-        metrics.update(uncertainty_metrics(outcomes, patients, prefix, self.resamples, seed, level))
-        metrics.update(
-            uncalibrated_metrics(raw_probs, targets, patients, prefix, self.resamples, seed, level)
-        )
         # The photos' gradable verdict, as predict.py judges it (the cache keeps pixels only).
         gradable = gradable_flags(
             [r.image for r in records],
@@ -367,20 +333,17 @@ class _Scoring:
             QualityThresholds.from_config(cfg.get("quality")),
             num_workers=max(1, int(cfg.num_workers)),
         )
-        metrics.update(
-            gradable_metrics(outcomes, records, gradable, prefix, self.resamples, seed, level)
-        )
-        metrics.update(
-            subgroup_metrics(
-                outcomes,
-                records,
-                prefix,
-                min_size=self.min_size,
-                resamples=self.resamples,
-                seed=seed,
-                level=level,
-                gradable=gradable,
-            )
+        metrics, outcomes = score_split(
+            probs,
+            raw_probs,
+            targets,
+            source_ids,
+            datamodule.source_names,
+            records,
+            prefix,
+            self.thresholds,
+            self.settings,
+            gradable,
         )
         part = EvaluatedSplit(name, records, probs, targets, raw_probs)
         return _Evaluated(metrics, part, outcomes, raw_probs)

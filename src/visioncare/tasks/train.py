@@ -32,6 +32,7 @@ from visioncare.runs.trainer import (
     warn_if_random_weights,
 )
 from visioncare.scoring.calibration import check_method as check_calibration
+from visioncare.scoring.evaluation import IntervalSettings
 from visioncare.scoring.referral import check_target_sensitivity
 from visioncare.utils.accelerator import resolve_trainer_flags
 
@@ -55,6 +56,7 @@ def fit(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, 
     resolve_trainer_flags(cfg)
     target_sensitivity = check_target_sensitivity(cfg.get("target_sensitivity"))
     check_calibration(cfg.get("calibration", "temperature"))
+    IntervalSettings.from_config(cfg, default_seed=int(cfg.seed))  # the test report's, checked now
     L.seed_everything(cfg.seed, workers=True)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     ckpt_path = checkpoint_to_resume(cfg)
