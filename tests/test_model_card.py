@@ -163,6 +163,20 @@ def test_card_renders_the_test_report_with_intervals_and_subgroups():
     assert _table_values(card)["dr/threshold"] == "0.4000"
 
 
+def test_card_explains_where_the_reduced_precision_test_loop_disagrees():
+    """The console's test table (Lightning, bf16) vs the card's fp32 report: both shown, why."""
+    report = _fake_report(min_size=20)
+    acc = report["metrics"]["test/acc_dr"]
+    summary = {"test_report": report, "trainer": {"precision": "bf16-mixed"}}
+    summary["test"] = {"test/acc_dr": acc + 0.01, "test/acc_dme": report["metrics"]["test/acc_dme"]}
+    card = render_model_card(summary, {})
+    (note,) = [line for line in card.splitlines() if "Lightning's test loop ran" in line]
+    assert "bf16-mixed" in note and f"test/acc_dr {acc + 0.01:.4f} (here {acc:.4f})" in note
+    assert "test/acc_dme" not in note  # equal values are not listed
+    summary["test"]["test/acc_dr"] = acc
+    assert "Lightning's test loop ran" not in render_model_card(summary, {})
+
+
 # Both sides of the cross-check use the same bootstrap and subgroup settings (eval's keys).
 REPORT_OVERRIDES = ["bootstrap.resamples=200", "subgroups.min_size=5"]
 

@@ -115,6 +115,34 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
     return [*lines, ""]
 
 
+def _precision_note(
+    loop: Mapping[str, Any], report: Mapping[str, Any], precision: Any
+) -> list[str]:
+    """Where Lightning's test loop (at the training precision) disagrees with the report's
+    full-precision numbers, say so and show both: a near-tie decided differently in bf16 changes
+    a grade, and a reader comparing the console table with the card should know why."""
+    differing = [
+        key
+        for key, value in loop.items()
+        if isinstance(value, (int, float))
+        and isinstance(report.get(key), (int, float))
+        and abs(float(value) - float(report[key])) > 1e-6
+    ]
+    if not differing:
+        return []
+    listed = ", ".join(
+        f"{key} {fmt_number(float(loop[key]))} (here {fmt_number(float(report[key]))})"
+        for key in differing
+    )
+    return [
+        f"The numbers above are full-precision (fp32) inference, as eval.py, predict.py and the "
+        f"ONNX export compute them. Lightning's test loop ran at the training precision "
+        f"({precision}) and gave {listed} (summary.json `test`, the printed table): reduced "
+        "precision decided a near-tie between two grades differently.",
+        "",
+    ]
+
+
 def _select(config: Mapping[str, Any], dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
@@ -232,6 +260,9 @@ def render_model_card(
     test = summary.get("test", {})
     if summary.get("test_report"):
         lines += _test_section(summary["test_report"], operating_points)
+        lines += _precision_note(
+            test, summary["test_report"].get("metrics", {}), trainer.get("precision")
+        )
     elif test:  # a run from before the test report: Lightning's test loop, no intervals
         lines += ["Test (best.ckpt, Lightning's test loop, no intervals):", "", *_table(test), ""]
     else:
