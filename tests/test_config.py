@@ -125,11 +125,14 @@ def test_accelerator_names_and_a_missing_gpu_are_configuration_errors(make_cfg, 
     with pytest.raises(ConfigurationError, match=r"trainer\.accelerator=nope .*auto, cpu, cuda"):
         accelerator.resolve_trainer_flags(cfg)
     monkeypatch.setattr(accelerator.torch.cuda, "is_available", lambda: False)
-    for name in ("gpu", "cuda"):
+    monkeypatch.setattr(accelerator.torch.backends.mps, "is_available", lambda: False)
+    for name in ("gpu", "cuda", "mps"):
         with pytest.raises(ConfigurationError, match=f"accelerator={name} but PyTorch sees no"):
             accelerator.check_accelerator(name)
     for name in ("auto", "cpu"):
         accelerator.check_accelerator(name)  # fine without a GPU
+    monkeypatch.setattr(accelerator.torch.backends.mps, "is_available", lambda: True)
+    accelerator.check_accelerator("gpu")  # Lightning's gpu is MPS on a Mac without CUDA
 
 
 def test_cudnn_benchmark_defaults_on_for_gpus_only():

@@ -65,9 +65,12 @@ def check_accelerator(accelerator: Any) -> None:
             f"trainer.accelerator={accelerator} is not an accelerator Lightning knows; "
             f"use one of {', '.join(names)} (auto picks a GPU when there is one)"
         )
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    # Lightning's `gpu` means CUDA, or Apple's MPS where there is no CUDA.
+    missing = (accelerator == "cuda" and not cuda) or (accelerator == "mps" and not mps)
+    if missing or (accelerator == "gpu" and not (cuda or mps)):
         raise ConfigurationError(
-            f"trainer.accelerator={accelerator} but PyTorch sees no CUDA GPU on this machine; "
+            f"trainer.accelerator={accelerator} but PyTorch sees no such GPU on this machine; "
             "use trainer.accelerator=auto (or cpu), or check the driver and CUDA_VISIBLE_DEVICES"
         )
 
