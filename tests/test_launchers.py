@@ -64,12 +64,12 @@ def test_torchrun_two_cpu_processes_share_one_run(tmp_path):
     assert not list(data.glob(".synthetic.*"))
 
 
-def compose_run_dir(overrides: list[str]) -> str:
+def compose_run_dir(overrides: list[str], config_name: str = "train") -> str:
     """`hydra.run.dir` as the entry point would resolve it."""
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     GlobalHydra.instance().clear()
     return str(cfg.hydra.run.dir)
 
@@ -100,6 +100,18 @@ def test_slurm_tasks_share_a_run_directory_named_after_the_job(slurm_job, monkey
     launcher.run_name.cache_clear()
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
     assert "slurm-" not in compose_run_dir([f"paths.log_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("task", ["eval", "predict", "export", "preprocess", "ablate"])
+def test_single_process_tasks_take_their_own_directory_inside_a_slurm_job(
+    slurm_job, tmp_path, task
+):
+    """Two evaluations in one SLURM job must not write into one directory (no requeue, no ranks)."""
+    first = compose_run_dir([f"paths.log_dir={tmp_path}"], task)
+    launcher.run_name.cache_clear()
+    second = compose_run_dir([f"paths.log_dir={tmp_path}"], task)
+    assert first.startswith(f"{tmp_path}/{task}/runs/") and "slurm-" not in first
+    assert first != second
 
 
 def test_only_rank_zero_writes_the_hydra_config(monkeypatch):

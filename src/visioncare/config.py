@@ -4,8 +4,9 @@ configs composed outside the entry points (tests, notebooks, benchmarks) resolve
 
 The resolvers, each needed where plain interpolation cannot do it:
 
-- ``${run_name:}``: the run directory's name, the same on every rank of one launch and across a
-  SLURM requeue; Hydra resolves `hydra.run.dir` in each process before any task code runs.
+- ``${run_name:${task_name}}``: the run directory's name; for training the same on every rank of
+  one launch and across a SLURM requeue (Hydra resolves `hydra.run.dir` in each process before any
+  task code runs), for the single-process tasks a timestamp.
 - ``${hydra_output_subdir:<run dir>}``: where the composed config goes (`.hydra`, or
   `.hydra/resume-<time>` in a resumed run's directory; none on ranks other than 0); Hydra writes
   it before any task code runs.

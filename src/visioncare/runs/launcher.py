@@ -78,11 +78,16 @@ def torchelastic_run_name(proposal: str) -> str | None:
 
 
 @cache
-def run_name() -> str:
-    """Hydra resolver ``${run_name:}``: the name of this run's directory (see the module doc).
+def run_name(task: str = "train") -> str:
+    """Hydra resolver ``${run_name:${task_name}}``: the name of this run's directory (module doc).
 
+    Only training runs on several processes or is requeued, so only training takes the
+    launcher's shared name; eval, predict, export, preprocess and ablate always take their own
+    timestamp, so two of them in one SLURM job never write into one directory.
     Cached: Hydra may resolve the run directory more than once per process.
     """
+    if task != "train":
+        return timestamp()
     return slurm_run_name() or torchelastic_run_name(timestamp()) or timestamp()
 
 

@@ -20,7 +20,7 @@ log = logging.getLogger("visioncare")
 # The checkpoint entry holding the composed run config (plain dict; `RunConfigRecord`).
 RUN_CONFIG_KEY = "visioncare_config"
 # conf/hydra/default.yaml's fresh run directory ends with this; anything else was chosen on purpose.
-FRESH_RUN_NAME = "${run_name:}"
+FRESH_RUN_NAME = "${run_name:${task_name}}"
 
 
 def newest_last_checkpoint(task_log_dir: str | Path) -> Path | None:
@@ -52,8 +52,8 @@ class ResumeRunDir(Callback):
     Runs once the config is composed (so ``ckpt_path=last`` searches the task's real log folder)
     and before Hydra creates the run directory. A run directory given explicitly
     (``hydra.run.dir=...``, as Lightning's DDP launcher passes to the ranks it starts) is kept:
-    only the default fresh ``runs/${run_name:}`` is replaced. A ``ckpt_path`` that names no
-    checkpoint leaves it too; the task then refuses it with one ERROR line.
+    only the default fresh ``runs/${run_name:${task_name}}`` is replaced. A ``ckpt_path`` that
+    names no checkpoint leaves it too; the task then refuses it with one ERROR line.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
