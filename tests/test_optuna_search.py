@@ -11,7 +11,9 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from visioncare.callbacks.optuna_pruning import OptunaPruning
 from visioncare.cli import run_task
+from visioncare.errors import ConfigurationError
 from visioncare.runs.optuna_search import parse_space, run_search
 from visioncare.tasks.train import run as train
 
@@ -73,7 +75,7 @@ def test_bad_space_is_one_error_line(
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and named in errors[0], errors
-    assert not (Path(cfg.paths.output_dir) / "study.db").exists()
+    assert not Path(cfg.optuna.storage).exists()
 
 
 def test_failed_trial_is_recorded_and_the_study_goes_on(
@@ -102,7 +104,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(
     assert len(calls) == 4
     run_search(cfg, fake_train)  # three finished: nothing to do
     assert len(calls) == 4
-    study = optuna.load_study(study_name="visioncare", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="visioncare", storage=f"sqlite:///{cfg.optuna.storage}")
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, *[State.COMPLETE] * 2]
     # The resumed sampler does not replay the first proposals.
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
@@ -116,6 +118,40 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(
     assert OmegaConf.to_container(composed) == OmegaConf.to_container(saved)
 
 
+def test_a_command_mistake_stops_the_study_with_its_own_error(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    """A config error is the command's, not the trial's: no retry of it n_trials times."""
+    cfg = search_cfg(make_cfg, "optuna.n_trials=5")
+    calls: list[int] = []
+
+    def fake_train(trial_cfg: DictConfig, callbacks: Sequence[object]) -> dict[str, float]:
+        calls.append(1)
+        raise ConfigurationError("target_sensitivity=85 must be in (0, 1]")
+
+    with pytest.raises(ConfigurationError, match="target_sensitivity=85"):
+        run_search(cfg, fake_train)
+    assert len(calls) == 1
+    summary = json.loads((Path(cfg.paths.output_dir) / "optuna_summary.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["fail"]
+
+
+def test_an_unlogged_optimized_metric_is_named_at_the_first_validation() -> None:
+    """Otherwise pruning would silently never happen and every trial would fail at its end."""
+    study = optuna.create_study(direction="maximize")
+    pruning = OptunaPruning(study.ask(), "val/avg_accuracy")
+    trainer = type("FakeTrainer", (), {})()
+    trainer.sanity_checking = False
+    trainer.state = type("State", (), {"fn": "fit"})()
+    trainer.callback_metrics = {"val/avg_acc": torch.tensor(0.5), "train/loss": torch.tensor(1.0)}
+    with pytest.raises(
+        ConfigurationError, match=r"optimized_metric=val/avg_accuracy .*val/avg_acc"
+    ):
+        pruning.on_validation_end(trainer, None)
+    trainer.sanity_checking = True
+    pruning.on_validation_end(trainer, None)  # the sanity check is never judged
+
+
 @pytest.mark.slow
 def test_search_prunes_resumes_and_reaches_the_model(make_cfg: Callable[..., DictConfig]) -> None:
     """Three tiny trials (trial 1 pruned by construction), then a resume for a fourth."""
@@ -125,7 +161,7 @@ def test_search_prunes_resumes_and_reaches_the_model(make_cfg: Callable[..., Dic
     out = Path(cfg.paths.output_dir)
     first = train(cfg)
 
-    study = optuna.load_study(study_name="visioncare", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="visioncare", storage=f"sqlite:///{cfg.optuna.storage}")
     assert [t.state for t in study.trials] == [State.COMPLETE, State.PRUNED, State.COMPLETE]
     pruned = study.trials[1]
     assert list(pruned.intermediate_values) == [0]  # pruned at its first epoch's report
@@ -136,7 +172,7 @@ def test_search_prunes_resumes_and_reaches_the_model(make_cfg: Callable[..., Dic
 
     resumed = copy_cfg(cfg, n_trials=4)
     train(resumed)
-    study = optuna.load_study(study_name="visioncare", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="visioncare", storage=f"sqlite:///{cfg.optuna.storage}")
     assert len(study.trials) == 4 and study.trials[3].state == State.COMPLETE
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "1", "2", "3"]
 

@@ -9,6 +9,8 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from visioncare.errors import ConfigurationError
+
 
 class OptunaPruning(Callback):
     """Report ``monitor`` to the trial after each validation epoch of `fit`; prune if told to.
@@ -34,8 +36,14 @@ class OptunaPruning(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None and math.isfinite(float(value)):
+        if self.monitor not in trainer.callback_metrics:
+            logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+            raise ConfigurationError(
+                f"optimized_metric={self.monitor} is not logged by validation, so the search "
+                f"can neither prune nor score a trial; use one of: {', '.join(logged)}"
+            )
+        value = trainer.callback_metrics[self.monitor]
+        if math.isfinite(float(value)):
             self._score = (trainer.current_epoch, float(value))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -39,7 +39,12 @@ from optuna.distributions import (
 )
 
 from visioncare.callbacks.optuna_pruning import OptunaPruning
-from visioncare.errors import ConfigurationError, VisionCareError, check_int_at_least
+from visioncare.errors import (
+    ConfigurationError,
+    DataValidationError,
+    VisionCareError,
+    check_int_at_least,
+)
 from visioncare.runs.optuna_report import trial_record, write_search_summary
 
 log = logging.getLogger("visioncare")
@@ -243,6 +248,9 @@ def run_search(cfg: DictConfig, train: TrainFn) -> dict[str, float]:
     base = trial_base(cfg)
     metric = str(cfg.optimized_metric)
     errors: list[str] = []
+    # The command's own mistakes (a config key, the data), not the sampled values': every trial
+    # would fail the same way, so the study stops and the error is the command's one ERROR line.
+    command_errors: list[VisionCareError] = []
 
     def objective(trial: optuna.Trial) -> float:
         values = {p.name: suggest(trial, p) for p in params}
@@ -254,6 +262,10 @@ def run_search(cfg: DictConfig, train: TrainFn) -> dict[str, float]:
             metrics = train(trial_cfg, [OptunaPruning(trial, metric)])
         except optuna.TrialPruned:
             raise
+        except (ConfigurationError, DataValidationError) as error:
+            command_errors.append(error)
+            trial.study.stop()
+            raise
         except Exception as error:
             # A failed trial must not end the study: `optimize` logs it with its traceback,
             # marks it failed and goes on (catch=Exception below).
@@ -261,6 +273,7 @@ def run_search(cfg: DictConfig, train: TrainFn) -> dict[str, float]:
             raise
         value = metrics.get(metric)
         if value is None or not math.isfinite(float(value)):
+            errors.append(f"trial {trial.number}: no finite {metric} ({value})")
             raise ValueError(f"trial {trial.number} returned no finite {metric}")
         return float(value)
 
@@ -283,6 +296,8 @@ def run_search(cfg: DictConfig, train: TrainFn) -> dict[str, float]:
             study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[record])
     finally:
         summary = write_search_summary(study, search_dir, metric, url)
+    if command_errors:
+        raise command_errors[0]
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         first = errors[0] if errors else "every trial was pruned or failed"
         raise SearchFailedError(
