@@ -173,8 +173,20 @@ def test_card_explains_where_the_reduced_precision_test_loop_disagrees():
     (note,) = [line for line in card.splitlines() if "Lightning's test loop ran" in line]
     assert "bf16-mixed" in note and f"test/acc_dr {acc + 0.01:.4f} (here {acc:.4f})" in note
     assert "test/acc_dme" not in note  # equal values are not listed
+    assert "reduced precision" in note
+    summary["trainer"]["precision"] = "32-true"  # same precision: not blamed on it
+    (note,) = [x for x in render_model_card(summary, {}).splitlines() if "test loop ran" in x]
+    assert "reduced precision" not in note and "kernels" in note
     summary["test"]["test/acc_dr"] = acc
     assert "Lightning's test loop ran" not in render_model_card(summary, {})
+
+
+def test_card_interval_header_follows_the_bootstrap_level():
+    report = _fake_report(min_size=20)
+    report["bootstrap"]["level"] = 0.9
+    card = render_model_card({"test_report": report}, {})
+    assert "| metric | value | 90% interval |" in card and "95% interval" not in card
+    assert "no test split" in render_model_card({"test_report": None}, {})
 
 
 # Both sides of the cross-check use the same bootstrap and subgroup settings (eval's keys).

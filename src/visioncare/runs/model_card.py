@@ -39,9 +39,9 @@ def _table(rows: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _interval_table(metrics: Mapping[str, Any], keys: list[str]) -> list[str]:
+def _interval_table(metrics: Mapping[str, Any], keys: list[str], level: float) -> list[str]:
     """A `metric | value | 95% interval` table of eval-named ``keys`` (parsed back by tests)."""
-    lines = ["| metric | value | 95% interval |", "| --- | --- | --- |"]
+    lines = [f"| metric | value | {level:.0%} interval |", "| --- | --- | --- |"]
     for key in keys:
         interval = fmt_interval(metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high"))
         value = metrics.get(key)
@@ -63,6 +63,7 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
     decisions at the stored operating points, calibration before/after, subgroups."""
     metrics = report.get("metrics", {})
     boot = report.get("bootstrap", {})
+    level = float(boot.get("level", 0.95))
     settings = (
         f"{boot.get('level', 0.95):.0%} percentile bootstrap, {boot.get('resamples')} resamples "
         f"of {report.get('unit', 'images')} (seed {boot.get('seed')})"
@@ -75,7 +76,7 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
     headline = ["test/avg_acc", "test/joint_acc"]
     headline += [f"test/{m}_{t}" for t in TASKS for m in ("acc", "f1", "qwk")]
     headline += [f"test/referable_{t}_auroc" for t in TASKS]
-    lines += [*_interval_table(metrics, headline), ""]
+    lines += [*_interval_table(metrics, headline, level), ""]
     tasks = [t for t in TASKS if f"test/referable_{t}_threshold" in metrics]
     stored = "chosen on validation" if operating_points else "none stored: 0.5"
     lines += [f"Referable decisions on test at the operating points ({stored}):", ""]
@@ -84,7 +85,7 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
         for t in tasks
         for m in ("threshold", "sensitivity", "specificity")
     ]
-    lines += [*_interval_table(metrics, keys), ""]
+    lines += [*_interval_table(metrics, keys, level), ""]
     lines += ["Test calibration, before (`_uncalibrated`: raw softmax) and after:", ""]
     keys = [
         f"test/{m}_{t}{s}"
@@ -92,7 +93,7 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
         for m in ("nll", "brier", "ece")
         for s in ("_uncalibrated", "")
     ]
-    lines += [*_interval_table(metrics, keys), ""]
+    lines += [*_interval_table(metrics, keys, level), ""]
     min_size = report.get("subgroups_min_size")
     groups = sorted(
         k.removesuffix("/num")
@@ -115,6 +116,9 @@ def _test_section(report: Mapping[str, Any], operating_points: Mapping[str, Any]
     return [*lines, ""]
 
 
+FULL_PRECISION = ("32-true", "32", "64-true", "64")
+
+
 def _precision_note(
     loop: Mapping[str, Any], report: Mapping[str, Any], precision: Any
 ) -> list[str]:
@@ -134,11 +138,16 @@ def _precision_note(
         f"{key} {fmt_number(float(loop[key]))} (here {fmt_number(float(report[key]))})"
         for key in differing
     )
+    if str(precision) in FULL_PRECISION:
+        # Same precision: the loop ran the module as trained (compiled, channels-last, TF32 or
+        # cuDNN autotuning on a GPU) against a fresh fp32 load of best.ckpt.
+        why = "the trained module's kernels decided a near-tie between two grades differently."
+    else:
+        why = "reduced precision decided a near-tie between two grades differently."
     return [
         f"The numbers above are full-precision (fp32) inference, as eval.py, predict.py and the "
         f"ONNX export compute them. Lightning's test loop ran at the training precision "
-        f"({precision}) and gave {listed} (summary.json `test`, the printed table): reduced "
-        "precision decided a near-tie between two grades differently.",
+        f"({precision}) and gave {listed} (summary.json `test`, the printed table): {why}",
         "",
     ]
 
@@ -263,10 +272,14 @@ def render_model_card(
         lines += _precision_note(
             test, summary["test_report"].get("metrics", {}), trainer.get("precision")
         )
-    elif test:  # a run from before the test report: Lightning's test loop, no intervals
-        lines += ["Test (best.ckpt, Lightning's test loop, no intervals):", "", *_table(test), ""]
+    elif test:  # no best.ckpt to report on, or a run from before the test report
+        title = "Test (Lightning's test loop, no intervals; this run recorded no test report):"
+        lines += [title, "", *_table(test), ""]
     else:
-        lines += ["No test evaluation was recorded for this run (test=false).", ""]
+        lines += [
+            "No test evaluation was recorded for this run (test=false, or no test split).",
+            "",
+        ]
     lines += ["## Quality limits", ""]
     lines.append(
         "- Metrics come from the splits above only; other cameras, populations and image "

@@ -310,6 +310,11 @@ class _Scoring:
             "Evaluating %s/%s (%s): %s", datamodule.source.name, split, name, datamodule.sizes()
         )
         dataset = datamodule.datasets[split]
+        if len(dataset) == 0:
+            raise ConfigurationError(
+                f"split={split!r} of dataset '{datamodule.source.name}' ({name}) has no images; "
+                f"its splits hold {datamodule.sizes()}: evaluate another split or check the data"
+            )
         # Always the evaluation transform (the train split's own one augments).
         dataset.transform = build_eval_transform(spec.image_size, spec.mean, spec.std)
         loader = DataLoader(
