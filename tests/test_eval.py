@@ -401,6 +401,24 @@ def test_group_columns_reach_metrics_and_predictions(eval_cfg, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_external_dataset_with_an_empty_split_is_one_error(eval_cfg, synthetic_root, tmp_path):
+    """split=val on a dataset that holds out no validation: an error naming the dataset and its
+    split sizes, not torch.cat's traceback from an empty loader."""
+    images = sorted(Path(synthetic_root).glob("**/a. Training Set/*.jpg"))[:4]
+    rows = [f"{image},0,0,{'test' if i == 0 else 'train'}" for i, image in enumerate(images)]
+    (tmp_path / "labels.csv").write_text("image,dr,dme,split\n" + "\n".join(rows) + "\n")
+    cfg = eval_cfg(
+        "split=val",
+        "+data@datasets.clinic=csv",
+        f"datasets.clinic.root={tmp_path}",
+        "datasets.clinic.split_column=split",
+        "datasets.clinic.val_fraction=0.0",
+    )
+    with pytest.raises(ConfigurationError, match=r"split='val'.*'csv' \(clinic\) has no images"):
+        evaluate(cfg)
+
+
+@pytest.mark.slow
 def test_tta_changes_probabilities_keeps_keys(eval_cfg, tmp_path):
     plain_cfg = eval_cfg()
     evaluate(plain_cfg)
