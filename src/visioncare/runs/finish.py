@@ -91,6 +91,20 @@ def log_gradcam_to_tensorboard(
             log_png_images(logger.experiment, written, "gradcam")
 
 
+def _split_probabilities(model: Any, datamodule: Any, split: str) -> tuple | None:
+    """Raw probabilities, targets and source ids of the *whole* ``split`` (not this rank's
+    share), in record order; None when the split has no images.
+
+    `collect_probabilities` runs `trainer.predict`, which puts the model in eval mode and
+    restores its modes afterwards.
+    """
+    dataset = datamodule.datasets.get(split)
+    if dataset is None or len(dataset) == 0:
+        return None
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
+    return collect_probabilities(model, loader, model.device)
+
+
 def choose_operating_points(
     model: Any,
     datamodule: Any,
@@ -109,16 +123,14 @@ def choose_operating_points(
     raw) there. Returns the calibration record for summary.json (None: no validation images)
     and the diagrams written.
     """
-    dataset = datamodule.datasets.get("val")
-    if dataset is None or len(dataset) == 0:
+    collected = _split_probabilities(model, datamodule, "val")
+    if collected is None:
         log.warning(
             "No validation images: no calibration, and referable decisions will use "
             "P(referable) >= 0.5"
         )
         return None, []
-    loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
-    # trainer.predict puts the model in eval mode and restores its modes afterwards.
-    probs, targets, _ = collect_probabilities(model, loader, model.device)
+    probs, targets, _ = collected
     record = fit_calibration(probs, targets, calibration)
     entry = checkpoint_entry(record)
     model.temperatures = temperatures_from(entry)
@@ -165,11 +177,10 @@ def report_test_split(
     quality verdict (`not_assessed`: eval.py reports the gradable subset). None without test
     images.
     """
-    dataset = datamodule.datasets.get("test")
-    if dataset is None or len(dataset) == 0:
+    collected = _split_probabilities(model, datamodule, "test")
+    if collected is None:
         return None
-    loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
-    raw_probs, targets, source_ids = collect_probabilities(model, loader, model.device)
+    raw_probs, targets, source_ids = collected
     probs = calibrate(raw_probs, model.temperatures)
     thresholds = {t: threshold_for(model.operating_points, t) for t in TASKS}
     records = datamodule.splits["test"]
