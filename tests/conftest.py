@@ -7,10 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from visioncare.composition import compose_config
 from visioncare.tasks.train import run as train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +29,14 @@ TINY_OVERRIDES = [
     "callbacks.progress_bar=null",
 ]
 SYNTHETIC_OVERRIDES = ["data.num_train=40", "data.num_test=16", "data.render_size=128"]
+
+
+def compose_run(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """conf/<config_name>.yaml composed as its entry point would, writing into ``output_dir``."""
+    cfg = compose_config(CONF, config_name, overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -52,25 +59,17 @@ def tiny_checkpoint(
     Shared read-only by the eval, predict and export tests.
     """
     tmp = tmp_path_factory.mktemp("tiny_checkpoint")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *TINY_OVERRIDES,
-                *SYNTHETIC_OVERRIDES,
-                f"data.root={synthetic_root}",
-                f"paths.cache_dir={cache_dir}",
-                f"paths.log_dir={tmp / 'logs'}",
-                "trainer.max_epochs=1",
-                "logger=none",
-                "test=false",
-            ],
-        )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "run")
-    train(cfg)
+    overrides = [
+        *TINY_OVERRIDES,
+        *SYNTHETIC_OVERRIDES,
+        f"data.root={synthetic_root}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.log_dir={tmp / 'logs'}",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "test=false",
+    ]
+    train(compose_run("train", overrides, tmp / "run"))
     return tmp / "run" / "checkpoints" / "best.ckpt"
 
 
@@ -84,40 +83,23 @@ def make_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable[
     def _make(*extra: str, config_name: str = "train") -> DictConfig:
         other_data = any(o.startswith("data=") or "idrid" in o for o in extra)
         synthetic = [] if other_data else SYNTHETIC_OVERRIDES
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name=config_name,
-                overrides=[
-                    *TINY_OVERRIDES,
-                    *synthetic,
-                    f"data.root={synthetic_root}",
-                    f"paths.cache_dir={cache_dir}",
-                    f"paths.log_dir={tmp_path / 'logs'}",
-                    *extra,
-                ],
-                return_hydra_config=False,
-            )
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-        GlobalHydra.instance().clear()
-        return cfg
+        overrides = [
+            *TINY_OVERRIDES,
+            *synthetic,
+            f"data.root={synthetic_root}",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            *extra,
+        ]
+        return compose_run(config_name, overrides, tmp_path / "run")
 
     return _make
 
 
 def predict_cfg(tmp_path: Path, ckpt: Path, source: str | Path, *extra: str) -> DictConfig:
     """conf/predict.yaml for ``ckpt`` on ``source``: CPU, no workers, outputs under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="predict",
-            overrides=[
-                f"ckpt_path={ckpt}", f"input={source}", "num_workers=0", "batch_size=2",
-                "device=cpu", f"paths.log_dir={tmp_path / 'logs'}", *extra,
-            ],
-        )  # fmt: skip
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    return cfg
+    overrides = [
+        f"ckpt_path={ckpt}", f"input={source}", "num_workers=0", "batch_size=2",
+        "device=cpu", f"paths.log_dir={tmp_path / 'logs'}", *extra,
+    ]  # fmt: skip
+    return compose_run("predict", overrides, tmp_path / "run")

@@ -138,27 +138,15 @@ def test_stored_threshold_is_chosen_on_calibrated_validation_probabilities(
     is what eval and predict compare with it (raw scores would give another threshold)."""
     import csv
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    from tests.conftest import CONF
+    from tests.conftest import compose_run
     from visioncare.scoring.referral import operating_points
     from visioncare.tasks.evaluate import run as evaluate
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="eval",
-            overrides=[
-                f"ckpt_path={tiny_checkpoint}", "split=val", f"paths.cache_dir={cache_dir}",
-                f"paths.log_dir={tmp_path / 'logs'}", "num_workers=0", "bootstrap.resamples=10",
-            ],
-        )  # fmt: skip
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    evaluate(cfg)
+    overrides = [
+        f"ckpt_path={tiny_checkpoint}", "split=val", f"paths.cache_dir={cache_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}", "num_workers=0", "bootstrap.resamples=10",
+    ]  # fmt: skip
+    evaluate(compose_run("eval", overrides, tmp_path / "run"))
     # eval's plots reach TensorBoard too (an event file in its run directory).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
-from tests.conftest import CONF, SYNTHETIC_OVERRIDES, TINY_OVERRIDES
+from tests.conftest import SYNTHETIC_OVERRIDES, TINY_OVERRIDES, compose_run
 from visioncare import TASKS
 from visioncare.data.records import Record
 from visioncare.errors import ConfigurationError
@@ -197,20 +194,12 @@ REPORT_OVERRIDES = ["bootstrap.resamples=200", "subgroups.min_size=5"]
 def tested_run(tmp_path_factory, synthetic_root, cache_dir) -> Path:
     """A tiny run trained with `test=true` (the shared tiny_checkpoint skips test): its dir."""
     tmp = tmp_path_factory.mktemp("tested_run")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES, f"data.root={synthetic_root}",
-                f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp / 'logs'}",
-                "trainer.max_epochs=1", "logger=none", "gradcam_images=0", *REPORT_OVERRIDES,
-            ],
-        )  # fmt: skip
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "run")
-    train(cfg)
+    overrides = [
+        *TINY_OVERRIDES, *SYNTHETIC_OVERRIDES, f"data.root={synthetic_root}",
+        f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp / 'logs'}",
+        "trainer.max_epochs=1", "logger=none", "gradcam_images=0", *REPORT_OVERRIDES,
+    ]  # fmt: skip
+    train(compose_run("train", overrides, tmp / "run"))
     return tmp / "run"
 
 
@@ -230,20 +219,12 @@ def test_training_card_holds_the_test_report_eval_computes(tested_run, cache_dir
         assert metrics[key] == pytest.approx(summary["test"][key], abs=1e-6), key
 
     # eval.py on the same checkpoint, its own data, split=test: the same numbers, same keys.
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="eval",
-            overrides=[
-                f"ckpt_path={tested_run / 'checkpoints' / 'best.ckpt'}", "split=test",
-                f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path / 'logs'}",
-                "num_workers=0", "batch_size=8", "device=cpu", *REPORT_OVERRIDES,
-            ],
-        )  # fmt: skip
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "eval")
-    evaluate(cfg)
+    overrides = [
+        f"ckpt_path={tested_run / 'checkpoints' / 'best.ckpt'}", "split=test",
+        f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+        "num_workers=0", "batch_size=8", "device=cpu", *REPORT_OVERRIDES,
+    ]  # fmt: skip
+    evaluate(compose_run("eval", overrides, tmp_path / "eval"))
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) <= set(evaluated)  # eval adds the gradable subset and grouping only
     for key, value in metrics.items():
